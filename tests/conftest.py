@@ -1,0 +1,94 @@
+"""Shared test helpers: where the real data lives, tiny datasets, and a tiny end-to-end torchrun launcher."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "data"))
+
+from make_shards import write_shard  # noqa: E402
+
+SHARED_DATA = Path(os.environ.get("PG_SHARED_DATA", REPO.parent / "shared" / "data"))
+TOKENIZER = SHARED_DATA / "fineweb_1024_bpe.model"
+DOCS = SHARED_DATA / "fineweb_docs_200.jsonl"
+VAL_SHARD = SHARED_DATA / "fineweb_val_000000.bin"
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+needs_shared = pytest.mark.skipif(
+    not (TOKENIZER.is_file() and DOCS.is_file()),
+    reason=f"real tokenizer/documents not found in {SHARED_DATA} (set PG_SHARED_DATA to the shared data folder)",
+)
+
+# A model small enough to train a few dozen steps on 2 CPU cores in seconds; every feature of the default
+# architecture stays on (GQA, XSA, BigramHash, SmearGate, U-Net skips, SWA).
+TINY_ENV = dict(
+    NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", BIGRAM_VOCAB_SIZE="64",
+    BIGRAM_DIM="16", XSA_LAST_N="1", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", EVAL_STRIDE="16",
+    TRAIN_BATCH_TOKENS="1024", VAL_BATCH_SIZE="8192", VAL_MAX_TOKENS="4096", ITERATIONS="30", VAL_LOSS_EVERY="15",
+    WARMUP_STEPS="2", WARMDOWN_ITERS="10", SWA_EVERY="2", MAX_WALLCLOCK_SECONDS="0", TRAIN_LOG_EVERY="10",
+    MATRIX_LR="0.05", SCALAR_LR="0.05", TIED_EMBED_LR="0.1",
+)
+
+
+def build_tiny_dataset(out: Path, val_docs: int = 20) -> Path:
+    """Real FineWeb documents through the real tokenizer: the first `val_docs` documents are validation."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    docs = [json.loads(line)["text"] for line in DOCS.read_text(encoding="utf-8").splitlines()]
+    streams = [np.concatenate([[sp.bos_id()] + sp.encode(d) for d in part]) for part in (docs[:val_docs], docs[val_docs:])]
+    out.mkdir(parents=True, exist_ok=True)
+    write_shard(out / "fineweb_val_000000.bin", streams[0])
+    half = len(streams[1]) // 2
+    write_shard(out / "fineweb_train_000000.bin", streams[1][:half])
+    write_shard(out / "fineweb_train_000001.bin", streams[1][half:])
+    return out
+
+
+def run_tiny_training(workdir: Path, nproc: int = 1, data: Path | None = None, check: bool = True,
+                      **env: str) -> subprocess.CompletedProcess:
+    """torchrun train_gpt.py on CPU in `workdir` with TINY_ENV (+ overrides); returns the finished process.
+    The log is workdir/logs/<RUN_ID>.txt (RUN_ID defaults to 'tiny')."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = data or build_tiny_dataset(workdir / "data")
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    full_env.update(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=str(TOKENIZER), RUN_ID="tiny",
+                    CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    full_env.update({k: str(v) for k, v in env.items()})
+    cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", str(REPO / "train_gpt.py")]
+    proc = subprocess.run(cmd, cwd=workdir, env=full_env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train_gpt.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def log_lines(workdir: Path, run_id: str = "tiny") -> list[str]:
+    return (workdir / "logs" / f"{run_id}.txt").read_text(encoding="utf-8").splitlines()
+
+
+def field(line: str, key: str) -> str:
+    """Value of `key:value` inside a log line."""
+    return line.split(f"{key}:", 1)[1].split()[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    if not (TOKENIZER.is_file() and DOCS.is_file()):
+        pytest.skip(f"real tokenizer/documents not found in {SHARED_DATA} (set PG_SHARED_DATA)")
+    return build_tiny_dataset(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data) -> Path:
+    """One finished single-process tiny run (training, artifact, final evals); returns its working directory."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    run_tiny_training(workdir, data=tiny_data)
+    return workdir

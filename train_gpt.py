@@ -1,0 +1,943 @@
+"""Parameter Golf record script: 11-layer GPT (XSA, BigramHash, SmearGate, U-Net skips) trained for 600 s,
+exported as int6 + zstd-22, round-trip checked and scored by stride-64 sliding-window val_bpb.
+
+Run: torchrun --standalone --nproc_per_node=8 train_gpt.py   (every hyperparameter is an env var, see HPARAMS)
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import io
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+try:
+    from flash_attn_interface import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hyperparameters: (env var, type, default). Defaults are the seed run; attributes are the lower-cased names.
+
+CONTROL_PATTERNS = "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,skip_weight,skip_weights,smear"
+HPARAMS = [
+    ("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024"),
+    ("TRAIN_FILES", str, ""),  # glob; "" = DATA_PATH/fineweb_train_*.bin
+    ("VAL_FILES", str, ""),  # glob; "" = DATA_PATH/fineweb_val_*.bin
+    ("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model"),
+    ("RUN_ID", str, ""),  # "" = random UUID4
+    ("SEED", int, 1337),
+    ("VAL_BATCH_SIZE", int, 524288),
+    ("VAL_LOSS_EVERY", int, 1000),
+    ("VAL_MAX_TOKENS", int, 0),  # 0 = full validation set; otherwise a subset score, never a submission score
+    ("TRAIN_LOG_EVERY", int, 200),
+    ("ITERATIONS", int, 9000),
+    ("WARMDOWN_ITERS", int, 3000),
+    ("WARMUP_STEPS", int, 20),
+    ("TRAIN_BATCH_TOKENS", int, 524288),
+    ("TRAIN_SEQ_LEN", int, 2048),
+    ("EVAL_SEQ_LEN", int, 2048),
+    ("MAX_WALLCLOCK_SECONDS", float, 600.0),
+    ("QK_GAIN_INIT", float, 1.5),
+    ("VOCAB_SIZE", int, 1024),
+    ("NUM_LAYERS", int, 11),
+    ("NUM_KV_HEADS", int, 4),
+    ("MODEL_DIM", int, 512),
+    ("NUM_HEADS", int, 8),
+    ("MLP_MULT", float, 3.0),
+    ("TIE_EMBEDDINGS", bool, True),
+    ("ROPE_BASE", float, 50000.0),
+    ("LOGIT_SOFTCAP", float, 30.0),
+    ("EMBED_LR", float, 0.6),
+    ("HEAD_LR", float, 0.008),
+    ("TIED_EMBED_LR", float, 0.035),
+    ("TIED_EMBED_INIT_STD", float, 0.005),
+    ("MATRIX_LR", float, 0.025),
+    ("SCALAR_LR", float, 0.025),
+    ("MUON_MOMENTUM", float, 0.99),
+    ("MUON_BACKEND_STEPS", int, 5),
+    ("MUON_MOMENTUM_WARMUP_START", float, 0.92),
+    ("MUON_MOMENTUM_WARMUP_STEPS", int, 1500),
+    ("BETA1", float, 0.9),
+    ("BETA2", float, 0.95),
+    ("ADAM_EPS", float, 1e-8),
+    ("GRAD_CLIP_NORM", float, 0.3),
+    ("EVAL_STRIDE", int, 64),
+    ("MTP_NUM_HEADS", int, 0),
+    ("MTP_LOSS_WEIGHT", float, 0.2),
+    ("SWA_ENABLED", bool, True),
+    ("SWA_EVERY", int, 200),
+    ("MUON_WD", float, 0.04),
+    ("ADAM_WD", float, 0.04),
+    ("QAT_ENABLED", bool, False),
+    ("BIGRAM_VOCAB_SIZE", int, 2048),
+    ("BIGRAM_DIM", int, 128),
+    ("XSA_LAST_N", int, 3),
+    ("CONTROL_TENSOR_NAME_PATTERNS", str, CONTROL_PATTERNS),
+    ("COMPILE", str, "auto"),  # auto = on for CUDA, off on CPU
+    ("EVAL_ONLY", str, ""),  # path to a final_model.int6.ptz: skip training, score the artifact
+]
+HPARAM_NAMES = [name for name, _, _ in HPARAMS]
+SIZE_LIMIT_BYTES = 16_000_000
+ARTIFACT_PATH = "final_model.int6.ptz"
+
+
+class InputError(Exception):
+    """Bad configuration or data: reported as one line, exit status 2."""
+
+
+def parse_value(name: str, kind: type, raw: str):
+    try:
+        if kind is bool:
+            if raw not in ("0", "1", "True", "False"):
+                raise ValueError
+            return raw in ("1", "True")
+        return kind(raw)
+    except ValueError:
+        raise InputError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def read_hyperparameters(env) -> SimpleNamespace:
+    hp = SimpleNamespace(**{n.lower(): parse_value(n, k, env[n]) if n in env else d for n, k, d in HPARAMS})
+    hp.run_id = hp.run_id or str(uuid.uuid4())
+    hp.train_glob = hp.train_files or os.path.join(hp.data_path, "fineweb_train_*.bin")
+    hp.val_glob = hp.val_files or os.path.join(hp.data_path, "fineweb_val_*.bin")
+    hp.eval_len = hp.eval_seq_len if hp.eval_seq_len > 0 else hp.train_seq_len
+    hp.control_patterns = tuple(p for p in hp.control_tensor_name_patterns.split(",") if p)
+    checks = [
+        (hp.compile in ("auto", "0", "1"), "COMPILE must be auto, 0 or 1"),
+        (min(hp.train_seq_len, hp.train_batch_tokens, hp.val_batch_size, hp.num_layers) > 0,
+         "TRAIN_SEQ_LEN, TRAIN_BATCH_TOKENS, VAL_BATCH_SIZE and NUM_LAYERS must be positive"),
+        (hp.model_dim % hp.num_heads == 0 and (hp.model_dim // hp.num_heads) % 2 == 0,
+         f"MODEL_DIM={hp.model_dim} must split into NUM_HEADS={hp.num_heads} heads of even size"),
+        (hp.num_kv_heads > 0 and hp.num_heads % hp.num_kv_heads == 0,
+         f"NUM_HEADS={hp.num_heads} must be a multiple of NUM_KV_HEADS={hp.num_kv_heads}"),
+        (0 <= hp.xsa_last_n <= hp.num_layers, f"XSA_LAST_N={hp.xsa_last_n} must lie in [0, NUM_LAYERS]"),
+        (hp.bigram_vocab_size == 0 or hp.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2"),
+        (min(hp.eval_stride, hp.val_max_tokens, hp.mtp_num_heads, hp.warmup_steps) >= 0,
+         "EVAL_STRIDE, VAL_MAX_TOKENS, MTP_NUM_HEADS and WARMUP_STEPS must be >= 0"),
+        (hp.swa_every > 0, "SWA_EVERY must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise InputError(message)
+    return hp
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Muon: momentum + Newton-Schulz orthogonalised updates for the matrices
+
+def newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """Quintic iteration pushing every singular value of g towards 1 (bf16, as in the records)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16()
+    x = x / (x.norm() + 1e-7)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Each rank orthogonalises every world_size-th matrix; one all-reduce shares the updates."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, orthogonalize):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
+        self.orthogonalize = orthogonalize
+
+    @torch.no_grad()
+    def step(self):
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        for group in self.param_groups:
+            params, mu = group["params"], group["momentum"]
+            flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.bfloat16, device=params[0].device)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world == rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(mu).add_(p.grad)
+                    update = self.orthogonalize(p.grad.add(buf, alpha=mu), group["backend_steps"])
+                    update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    flat[offset : offset + p.numel()] = update.flatten()
+                offset += p.numel()
+            if distributed:
+                dist.all_reduce(flat)
+            offset = 0
+            for p in params:
+                if group["weight_decay"] > 0:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer-agnostic bits per byte
+
+def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int):
+    """Per-token UTF-8 byte counts: (base_bytes int16, has_leading_space bool, is_boundary bool)."""
+    n = max(sp.vocab_size(), vocab_size)
+    base_bytes = np.zeros(n, dtype=np.int16)
+    has_space = np.zeros(n, dtype=np.bool_)
+    is_boundary = np.ones(n, dtype=np.bool_)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        is_boundary[i] = False
+        if sp.is_byte(i):
+            base_bytes[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            has_space[i], piece = True, piece[1:]
+        base_bytes[i] = len(piece.encode("utf-8"))
+    return tuple(torch.from_numpy(a) for a in (base_bytes, has_space, is_boundary))
+
+
+def target_bytes(prev: torch.Tensor, tgt: torch.Tensor, luts) -> torch.Tensor:
+    """Bytes of each target: its piece, plus the space of a leading '▁' unless it follows a boundary token."""
+    base_bytes, has_space, is_boundary = luts
+    return base_bytes[tgt].to(torch.int64) + (has_space[tgt] & ~is_boundary[prev]).to(torch.int64)
+
+
+def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
+    if not path.endswith(".model") or not os.path.isfile(path):
+        raise InputError(f"TOKENIZER_PATH={path}: expected an existing SentencePiece .model file")
+    sp = spm.SentencePieceProcessor(model_file=path)
+    if sp.vocab_size() != vocab_size:
+        raise InputError(f"TOKENIZER_PATH={path} has vocab {sp.vocab_size()} but VOCAB_SIZE={vocab_size}")
+    return sp
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: shards (256 x int32 header: magic 20240520, version 1, n_tokens; then n_tokens x uint16)
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 1, 1024
+
+
+def read_shard_header(path: str) -> int:
+    """Validate a shard's header and size; return its token count."""
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype="<i4", count=256)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read shard ({e.strerror})") from None
+    if header.size != 256:
+        raise InputError(f"{path}: {size} bytes is too short for the 1024-byte shard header")
+    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise InputError(f"{path}: bad shard header (magic {header[0]}, version {header[1]}; "
+                         f"expected {SHARD_MAGIC}, {SHARD_VERSION})")
+    n = int(header[2])
+    if n < 0 or size != HEADER_BYTES + 2 * n:
+        raise InputError(f"{path}: size {size} bytes, but its header promises {n} tokens = "
+                         f"{HEADER_BYTES + 2 * n} bytes")
+    return n
+
+
+def load_data_shard(path: str) -> np.ndarray:
+    n = read_shard_header(path)
+    return np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
+
+
+def resolve_files(pattern: str, variable: str) -> list[str]:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise InputError(f"{variable}={pattern}: no files match")
+    return files
+
+
+class TokenStream:
+    """All shards read in sorted order, end to end, wrapping around after the last."""
+
+    def __init__(self, files: list[str]):
+        self.files, self.index, self.pos = files, 0, 0
+        self.tokens = load_data_shard(files[0])
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos == len(self.tokens):
+                self.index = (self.index + 1) % len(self.files)
+                self.tokens, self.pos = load_data_shard(self.files[self.index]), 0
+                continue
+            k = min(n, len(self.tokens) - self.pos)
+            parts.append(self.tokens[self.pos : self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return np.concatenate(parts)
+
+
+class DistributedTokenLoader:
+    """Every rank reads the same stream; each takes its own contiguous span (+1 token for the shifted targets)."""
+
+    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device):
+        self.stream, self.rank, self.world_size, self.device = TokenStream(files), rank, world_size, device
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.world_size)[self.rank * span : (self.rank + 1) * span]
+        tokens = torch.from_numpy(chunk.astype(np.int64))
+        x, y = tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def load_validation_tokens(files: list[str], seq_len: int, max_tokens: int) -> torch.Tensor:
+    """Concatenated val shards, cut to a whole number of seq_len targets (+1 token for the last target)."""
+    tokens = np.concatenate([load_data_shard(f) for f in files])
+    if max_tokens:
+        tokens = tokens[: max_tokens + 1]
+    usable = (len(tokens) - 1) // seq_len * seq_len
+    if usable <= 0:
+        raise InputError(f"validation set {files[0]}...: {len(tokens)} tokens, fewer than one "
+                         f"{seq_len}-token sequence + 1")
+    return torch.from_numpy(tokens[: usable + 1].astype(np.int64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def int6_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int6 grid on [-32, 31]: scale = max(rowmax/31, 1/31) in fp16, q = round(w/scale) (float-valued)."""
+    scale = (w.abs().amax(dim=-1, keepdim=True) / 31).clamp_min(1 / 31).half()
+    return torch.clamp(torch.round(w / scale.float()), -32, 31), scale
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight, cast to the activation dtype at call time; no bias. `qat` = int6 straight-through."""
+
+    qat = False
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        self.zero_init = zero_init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if CastedLinear.qat and self.training:
+            q, scale = int6_rows(w.detach())
+            w = w + (q * scale.float() - w).detach()
+        return F.linear(x, w.to(x.dtype))
+
+
+def rope_inv_freq(seq_len: int, head_dim: int, base: float, train_seq_len: int) -> torch.Tensor:
+    """ROPE_BASE holds at the training length; longer eval lengths get the NTK-scaled base."""
+    if seq_len > train_seq_len:
+        base = base * (seq_len / train_seq_len) ** (head_dim / (head_dim - 2))
+    return 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, D) queries against (B, T, Hkv, D) keys/values; FlashAttention-3 when imported on CUDA."""
+    if flash_attn_func is not None and q.is_cuda:
+        y = flash_attn_func(q, k, v, causal=True)
+        return y[0] if isinstance(y, tuple) else y
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: drop from each head's output its component along the token's own (unit) value vector.
+    y: (B, T, H, D), v: (B, T, Hkv, D); query head h belongs to KV head h // (H / Hkv)."""
+    b, t, h, d = y.shape
+    y = y.view(b, t, v.size(2), h // v.size(2), d)
+    v_hat = F.normalize(v, dim=-1).unsqueeze(3)
+    return (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(b, t, h, d)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, xsa: bool):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.xsa = num_heads, num_kv_heads, dim // num_heads, xsa
+        self.c_q = CastedLinear(dim, dim)
+        self.c_k = CastedLinear(dim, num_kv_heads * self.head_dim)
+        self.c_v = CastedLinear(dim, num_kv_heads * self.head_dim)
+        self.proj = CastedLinear(dim, dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.c_q(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
+        q = q * self.q_gain.to(q.dtype)[:, None]
+        y = causal_attention(q, k, v)
+        if self.xsa:
+            y = exclude_self_value(y, v)
+        return self.proj(y.reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc, self.proj = CastedLinear(dim, hidden), CastedLinear(hidden, dim, zero_init=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, hp: SimpleNamespace, xsa: bool):
+        super().__init__()
+        self.attn = CausalSelfAttention(dim, hp.num_heads, hp.num_kv_heads, hp.qk_gain_init, xsa)
+        self.mlp = MLP(dim, int(hp.mlp_mult * dim))
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), cos, sin)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+
+
+def bigram_buckets(ids: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Hash of (previous, current) token into buckets-1 slots; position 0 gets the reserved last bucket."""
+    ids = ids.to(torch.int32)
+    mixed = torch.bitwise_xor(36313 * ids[:, 1:], 27191 * ids[:, :-1]) % (buckets - 1)
+    return torch.cat((torch.full_like(ids[:, :1], buckets - 1), mixed), dim=1)
+
+
+class BigramHash(nn.Module):
+    def __init__(self, buckets: int, bigram_dim: int, dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, bigram_dim)
+        nn.init.zeros_(self.embed.weight)
+        self.proj = CastedLinear(bigram_dim, dim)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.proj(self.embed(bigram_buckets(ids, self.buckets)))
+        return h * self.scale.to(h.dtype)
+
+
+class SmearGate(nn.Module):
+    """out_t = (1 - g) x_t + g x_{t-1}, g = sigmoid(gate) per channel (0.5 at init), x_{-1} = 0."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate.to(x.dtype))
+        return (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
+
+
+class GPT(nn.Module):
+    def __init__(self, hp: SimpleNamespace, mtp_num_heads: int):
+        super().__init__()
+        dim, layers = hp.model_dim, hp.num_layers
+        self.softcap, self.mtp_loss_weight = hp.logit_softcap, hp.mtp_loss_weight
+        self.head_dim, self.rope_base, self.train_seq_len = dim // hp.num_heads, hp.rope_base, hp.train_seq_len
+        self.tok_emb = nn.Embedding(hp.vocab_size, dim)
+        self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, dim) if hp.bigram_vocab_size else None
+        self.smear = SmearGate(dim)
+        self.num_encoder = layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, layers - self.num_encoder), dim))
+        self.blocks = nn.ModuleList(Block(dim, hp, xsa=i >= layers - hp.xsa_last_n) for i in range(layers))
+        self.lm_head = None if hp.tie_embeddings else CastedLinear(dim, hp.vocab_size, zero_init=True)
+        self.mtp_heads = nn.ModuleList(CastedLinear(dim, hp.vocab_size, zero_init=True) for _ in range(mtp_num_heads))
+        self._init_weights(hp)
+
+    def _init_weights(self, hp: SimpleNamespace) -> None:
+        nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
+        out_scale = 1 / math.sqrt(2 * hp.num_layers)
+        for name, m in self.named_modules():
+            if not isinstance(m, CastedLinear):
+                continue
+            if m.zero_init:
+                nn.init.zeros_(m.weight)
+            elif min(m.weight.shape) >= 64:
+                nn.init.orthogonal_(m.weight)
+                if name.endswith(".proj") or ".proj." in name:
+                    m.weight.data.mul_(out_scale)  # muP output scaling; in practice only bigram.proj
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.size(1)
+        freqs = torch.outer(torch.arange(t, device=ids.device, dtype=torch.float32),
+                            rope_inv_freq(t, self.head_dim, self.rope_base, self.train_seq_len).to(ids.device))
+        x = self.tok_emb(ids)
+        cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
+        if self.bigram is not None:
+            x = x + self.bigram(ids)
+        x = x0 = self.smear(rms_norm(x))
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:
+                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+            x = block(x, x0, cos, sin)
+            if i < self.num_encoder:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, x: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
+        head = head or self.lm_head
+        raw = head(x) if head is not None else F.linear(x, self.tok_emb.weight.to(x.dtype))
+        return self.softcap * torch.tanh(raw.float() / self.softcap)
+
+    def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.hidden(ids))
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.hidden(ids)
+        loss = F.cross_entropy(self.logits(x).flatten(0, 1), targets.flatten())
+        if len(self.mtp_heads):  # head k predicts the token k+1 places beyond the next one
+            aux = [F.cross_entropy(self.logits(x[:, : -(k + 1)], h).flatten(0, 1), targets[:, k + 1 :].flatten())
+                   for k, h in enumerate(self.mtp_heads)]
+            loss = loss + self.mtp_loss_weight * torch.stack(aux).mean()
+        return loss
+
+
+def build_model(hp: SimpleNamespace, device: torch.device, mtp_num_heads: int = 0) -> GPT:
+    """fp32 init, then bf16 everywhere except linear weights, small and control tensors (fp32 masters)."""
+    model = GPT(hp, mtp_num_heads).bfloat16()
+    for m in model.modules():
+        if isinstance(m, CastedLinear):
+            m.float()
+    for name, p in model.named_parameters():
+        if p.ndim < 2 or any(c in name for c in hp.control_patterns):
+            p.data = p.data.float()
+    return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: every target scored exactly once; stride = window gives the non-overlapping eval
+
+def sliding_windows(total: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first scored offset) of each window over `total` targets. A window scores the targets no earlier
+    window scored; the last one is aligned to the end so the tail keeps a full window of context."""
+    if total <= window:
+        return [(0, 0)]
+    starts = range(0, total - window + 1, stride)
+    windows = [(s, 0 if s == 0 else window - stride) for s in starts]
+    covered = starts[-1] + window
+    if covered < total:
+        windows.append((total - window, covered - (total - window)))
+    return windows
+
+
+def evaluate(logits_fn, val_tokens: torch.Tensor, luts, window: int, stride: int, batch_windows: int,
+             rank: int, world_size: int, device: torch.device) -> tuple[float, float, int, int]:
+    """Returns (val_loss nats/token, val_bpb, scored tokens, scored bytes), summed over all ranks."""
+    total = len(val_tokens) - 1
+    window = min(window, total)
+    windows = sliding_windows(total, window, stride)
+    mine = windows[len(windows) * rank // world_size : len(windows) * (rank + 1) // world_size]
+    luts = [t.to(device) for t in luts]
+    positions = torch.arange(window + 1)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
+    for i in range(0, len(mine), batch_windows):
+        batch = mine[i : i + batch_windows]
+        batch += [(batch[-1][0], window)] * (batch_windows - len(batch))  # fixed shape: no recompiles
+        starts, first = (torch.tensor(c) for c in zip(*batch))
+        tokens = val_tokens[starts[:, None] + positions].to(device)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        with torch.inference_mode(), autocast(device):
+            logits = logits_fn(x)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        scored = (positions[:-1][None] >= first[:, None]).to(device)
+        sums[0] += nll.double()[scored].sum()
+        sums[1] += scored.sum()
+        sums[2] += target_bytes(x, y, luts)[scored].sum()
+    if world_size > 1:
+        dist.all_reduce(sums)
+    loss, tokens, nbytes = sums.tolist()
+    return loss / tokens, loss / tokens / math.log(2) * tokens / nbytes, int(tokens), int(nbytes)
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Quantisation and the artifact: int6 rows for block matrices, int8 rows for embeddings, fp16 for small tensors
+
+def quant_route(name: str, t: torch.Tensor, control_patterns: tuple[str, ...]) -> str:
+    if not t.is_floating_point() or t.numel() <= 65536:
+        return "passthrough"
+    if any(p in name for p in control_patterns):
+        return "passthrough_ctrl"
+    if "tok_emb" in name or "lm_head" in name:
+        return "int8"
+    return "int6" if ".mlp." in name or ".attn." in name or ".proj." in name else "int8"
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    clip = torch.quantile(w.abs(), 0.9999984, dim=-1, keepdim=True)
+    scale = (clip / 127).clamp_min(1 / 127).half()
+    return torch.clamp(torch.round(w.clamp(-clip, clip) / scale.float()), -127, 127), scale
+
+
+def quantize_state_dict(state: dict[str, torch.Tensor], control_patterns: tuple[str, ...]):
+    """Returns ({stored tensors}, {name: route}, {route: (rows, rows whose scale hit the floor)})."""
+    tensors, meta, stats = {}, {}, {}
+    for name, t in state.items():
+        route = meta[name] = quant_route(name, t, control_patterns)
+        if route == "passthrough":
+            tensors[name] = t.half() if t.is_floating_point() else t
+        elif route == "passthrough_ctrl":
+            tensors[name] = t.float()
+        else:
+            bits = 6 if route == "int6" else 8
+            q, scale = (int6_rows if bits == 6 else int8_rows)(t.float())
+            tensors[name + ".q"], tensors[name + ".scale"] = q.to(torch.int8).contiguous(), scale
+            rows, floor = stats.get(route, (0, 0))
+            stats[route] = (rows + scale.numel(), floor + int((scale == torch.tensor(1 / (2 ** (bits - 1) - 1)).half()).sum()))
+    return tensors, meta, stats
+
+
+def dequantize_state_dict(tensors: dict, meta: dict, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if set(meta) != set(reference):
+        missing, extra = sorted(set(reference) - set(meta)), sorted(set(meta) - set(reference))
+        raise InputError(f"artifact does not match the model configuration (missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}); set the same model env vars as the training run")
+    out = {}
+    for name, ref in reference.items():
+        if meta[name] in ("passthrough", "passthrough_ctrl"):
+            out[name] = tensors[name].to(ref.dtype)
+        else:
+            out[name] = (tensors[name + ".q"].float() * tensors[name + ".scale"].float()).to(ref.dtype)
+    return out
+
+
+def compressor():
+    try:
+        import zstandard
+    except ImportError:
+        raise InputError("the zstandard package is required for the int6+zstd artifact (pip install zstandard)") from None
+    return zstandard
+
+
+def pack_artifact(state: dict[str, torch.Tensor], control_patterns: tuple[str, ...]) -> tuple[bytes, dict]:
+    tensors, meta, stats = quantize_state_dict(state, control_patterns)
+    buf = io.BytesIO()
+    torch.save({"w": tensors, "m": meta}, buf)
+    return compressor().ZstdCompressor(level=22).compress(buf.getvalue()), stats
+
+
+def unpack_artifact(blob: bytes, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    payload = torch.load(io.BytesIO(compressor().ZstdDecompressor().decompress(blob)), map_location="cpu")
+    return dequantize_state_dict(payload["w"], payload["m"], reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+def lr_multiplier(step: int, elapsed_ms: float, hp: SimpleNamespace) -> float:
+    """Flat, then linear decay to 0 over the last WARMDOWN_ITERS steps, measured in wall-clock time when capped."""
+    if hp.warmdown_iters <= 0:
+        return 1.0
+    if hp.max_wallclock_seconds <= 0:
+        return min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
+    warmdown_ms = hp.warmdown_iters * elapsed_ms / max(step, 1)
+    remaining_ms = max(1000 * hp.max_wallclock_seconds - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def muon_momentum(step: int, hp: SimpleNamespace) -> float:
+    frac = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
+
+
+def build_optimizers(model: GPT, hp: SimpleNamespace, orthogonalize, fused: bool) -> list[torch.optim.Optimizer]:
+    """Muon for matrices, AdamW for the embedding tables and the control/scalar tensors, Adam for an untied head."""
+    matrices = [m.weight for n, m in model.named_modules() if isinstance(m, CastedLinear) and n != "lm_head"]
+    tables = [model.tok_emb.weight] + ([model.bigram.embed.weight] if model.bigram is not None else [])
+    taken = {id(p) for p in matrices + tables + ([model.lm_head.weight] if model.lm_head is not None else [])}
+    scalars = [p for p in model.parameters() if id(p) not in taken]
+    adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=fused)
+    embed_lr = hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr
+    optimizers = [
+        Muon(matrices, hp.matrix_lr, hp.muon_momentum_warmup_start, hp.muon_backend_steps, hp.muon_wd, orthogonalize),
+        torch.optim.AdamW([dict(params=tables, lr=embed_lr), dict(params=scalars, lr=hp.scalar_lr)],
+                          weight_decay=hp.adam_wd, **adam),
+    ]
+    if model.lm_head is not None:
+        optimizers.append(torch.optim.Adam([model.lm_head.weight], lr=hp.head_lr, **adam))
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
+
+class Logger:
+    """Rank 0 prints every line and appends it to logs/<RUN_ID>.txt, which opens with the script's source."""
+
+    def __init__(self, run_id: str, enabled: bool, code: bytes):
+        self.path = Path("logs") / f"{run_id}.txt"
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(exist_ok=True)
+            print(self.path, flush=True)
+            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True) if torch.cuda.is_available() else None
+            self.path.write_bytes(code)
+            self.write("\n".join(["=" * 100, f"Running Python {sys.version}", f"Running PyTorch {torch.__version__}",
+                                  smi.stdout.rstrip() if smi else "nvidia-smi: no CUDA device", "=" * 100]))
+
+    def write(self, line: str) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+    def __call__(self, line: str) -> None:
+        if self.enabled:
+            print(line, flush=True)
+        self.write(line)
+
+
+def main() -> int:
+    hp = read_hyperparameters(os.environ)
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0)) if distributed else 0
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    grad_accum = 8 // world_size if 8 % world_size == 0 else 1
+    local_tokens = hp.train_batch_tokens // (world_size * grad_accum)
+    if local_tokens * world_size * grad_accum != hp.train_batch_tokens or local_tokens % hp.train_seq_len:
+        raise InputError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must split into {world_size} ranks x "
+                         f"{grad_accum} micro-steps of whole TRAIN_SEQ_LEN={hp.train_seq_len} sequences")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    use_compile = hp.compile == "1" or (hp.compile == "auto" and cuda)
+    compressor()
+    sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    luts = build_byte_luts(sp, hp.vocab_size)
+    val_files = resolve_files(hp.val_glob, "VAL_FILES")
+    val_tokens = load_validation_tokens(val_files, max(hp.train_seq_len, hp.eval_len), hp.val_max_tokens)
+    if hp.eval_only:
+        if not os.path.isfile(hp.eval_only):
+            raise InputError(f"EVAL_ONLY={hp.eval_only}: no such artifact file")
+    else:
+        train_files = resolve_files(hp.train_glob, "TRAIN_FILES")
+        if sum(read_shard_header(f) for f in train_files) == 0:
+            raise InputError(f"TRAIN_FILES={hp.train_glob}: the shards hold no tokens")
+
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_math_sdp(False)
+    if distributed:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.barrier()
+    code = Path(__file__).read_bytes()
+    log = Logger(hp.run_id, rank == 0, code)
+    for name in HPARAM_NAMES:
+        log(f"hparam {name}={getattr(hp, name.lower())}")
+    if hp.val_max_tokens:
+        log(f"val_subset:VAL_MAX_TOKENS={hp.val_max_tokens} scores below are subset scores, not submission scores")
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
+    log(f"val_loader:shards pattern={hp.val_glob} tokens:{len(val_tokens) - 1}")
+    log(f"world_size:{world_size} grad_accum_steps:{grad_accum}")
+    log(f"attention_backend:{'fa3' if flash_attn_func is not None and cuda else 'sdpa'} compile:{int(use_compile)} "
+        f"device:{device.type}")
+    log(f"attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads}")
+    log(f"XSA:last_{hp.xsa_last_n} active_layers:{list(range(hp.num_layers - hp.xsa_last_n, hp.num_layers))}")
+    log(f"seed:{hp.seed}")
+    random.seed(hp.seed)
+    np.random.seed(hp.seed)
+    torch.manual_seed(hp.seed)
+    CastedLinear.qat = hp.qat_enabled  # fixed for the whole run, so torch.compile may fold it
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def run_eval(logits_fn, window: int, stride: int):
+        batch = max(1, hp.val_batch_size // (world_size * grad_accum) // window)
+        return evaluate(logits_fn, val_tokens, luts, window, stride, batch, rank, world_size, device)
+
+    post_start = time.perf_counter()
+    if hp.eval_only:
+        log(f"eval_only:{hp.eval_only}")
+        artifact = hp.eval_only
+    else:
+        artifact = ARTIFACT_PATH
+        final_state = train(hp, log, sync, run_eval, train_files, device, rank, world_size, grad_accum,
+                            local_tokens, use_compile, distributed)
+        post_start = time.perf_counter()
+        blob, stats = pack_artifact(final_state, hp.control_patterns)
+        for route, (rows, floor) in sorted(stats.items()):
+            log(f"quant:{route} rows:{rows} scale_floor_rows:{floor}")
+        if rank == 0:
+            tmp = Path(artifact + ".tmp")
+            tmp.write_bytes(blob)
+            tmp.replace(artifact)
+        if distributed:
+            dist.barrier()
+        log(f"export_time:{1000 * (time.perf_counter() - post_start):.0f}ms")
+
+    model_bytes = os.path.getsize(artifact)
+    total_bytes = model_bytes + len(code)
+    log(f"Serialized model int6+zstd: {model_bytes} bytes")
+    log(f"Code size: {len(code)} bytes")
+    log(f"Total submission size int6+zstd: {total_bytes} bytes")
+    if total_bytes > SIZE_LIMIT_BYTES:
+        log(f"size_limit:exceeded total:{total_bytes} limit:{SIZE_LIMIT_BYTES} over_by:{total_bytes - SIZE_LIMIT_BYTES}")
+
+    eval_model = build_model(hp, device)
+    eval_model.load_state_dict(unpack_artifact(Path(artifact).read_bytes(), eval_model.state_dict()), strict=True)
+    eval_model.eval()
+    logits_fn = torch.compile(eval_model.forward_logits, dynamic=False, fullgraph=True) if use_compile \
+        else eval_model.forward_logits
+    finals = [("final_int6_roundtrip", hp.eval_len)]
+    if 0 < hp.eval_stride < hp.eval_len:
+        finals.append(("final_int6_sliding_window", hp.eval_stride))
+    for label, stride in finals:
+        sync()
+        t0 = time.perf_counter()
+        loss, bpb, tokens, nbytes = run_eval(logits_fn, hp.eval_len, stride)
+        sync()
+        extra = f" stride:{stride}" if stride < hp.eval_len else ""
+        log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{extra} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} tokens:{tokens} bytes:{nbytes}")
+    log(f"post_training_time:{1000 * (time.perf_counter() - post_start):.0f}ms")
+    if distributed:
+        dist.destroy_process_group()
+    return 1 if total_bytes > SIZE_LIMIT_BYTES else 0
+
+
+def train(hp, log, sync, run_eval, train_files, device, rank, world_size, grad_accum, local_tokens,
+          use_compile, distributed) -> dict[str, torch.Tensor]:
+    """The timed training loop; returns the (SWA-averaged) state dict to export."""
+    base_model = build_model(hp, device, hp.mtp_num_heads)
+    log(f"model_params:{sum(p.numel() for p in base_model.parameters() if p.requires_grad)}")
+    log(f"mtp_num_heads:{hp.mtp_num_heads} mtp_loss_weight:{hp.mtp_loss_weight} "
+        f"mtp_params:{sum(p.numel() for p in base_model.mtp_heads.parameters())}")
+    log(f"train_loader:dataset:{Path(train_files[0]).parent.name} train_shards:{len(train_files)}")
+    compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if use_compile else base_model
+    model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if distributed else compiled
+    orthogonalize = torch.compile(newton_schulz) if use_compile else newton_schulz
+    optimizers = build_optimizers(base_model, hp, orthogonalize, fused=device.type == "cuda")
+    log(f"tie_embeddings:{hp.tie_embeddings} embed_lr:{optimizers[1].param_groups[0]['lr']} "
+        f"head_lr:{hp.head_lr if not hp.tie_embeddings else 0.0} matrix_lr:{hp.matrix_lr} scalar_lr:{hp.scalar_lr}")
+    log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} iterations:{hp.iterations} "
+        f"warmup_steps:{hp.warmup_steps} max_wallclock_seconds:{hp.max_wallclock_seconds:.3f}")
+
+    def train_step(loader: DistributedTokenLoader, step: int, lr_scale: float) -> torch.Tensor:
+        total = torch.zeros((), device=device)
+        for micro in range(grad_accum):
+            x, y = loader.next_batch(local_tokens, hp.train_seq_len)
+            if distributed:
+                model.require_backward_grad_sync = micro == grad_accum - 1
+            with autocast(device):
+                loss = model(x, y)
+            (loss / grad_accum).backward()
+            total += loss.detach()
+        optimizers[0].param_groups[0]["momentum"] = muon_momentum(step, hp)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+        if hp.grad_clip_norm > 0:
+            nn.utils.clip_grad_norm_(base_model.parameters(), hp.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        base_model.zero_grad(set_to_none=True)
+        return total / grad_accum
+
+    if hp.warmup_steps:  # compile priming on real batches, then every state is put back exactly
+        model_state = copy.deepcopy(base_model.state_dict())
+        opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        loader = DistributedTokenLoader(train_files, rank, world_size, device)
+        for i in range(hp.warmup_steps):
+            train_step(loader, 0, 1.0)
+            if hp.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == hp.warmup_steps:
+                log(f"warmup_step:{i + 1}/{hp.warmup_steps}")
+        base_model.load_state_dict(model_state)
+        for opt, state in zip(optimizers, opt_states):
+            opt.load_state_dict(state)
+    loader = DistributedTokenLoader(train_files, rank, world_size, device)
+
+    val_logits = torch.compile(base_model.forward_logits, dynamic=False, fullgraph=True) if use_compile \
+        else base_model.forward_logits
+    swa_sum, swa_count = None, 0
+    train_ms, stop_after, step = 0.0, None, 0
+    cap_ms = 1000 * hp.max_wallclock_seconds
+    sync()
+    t0 = time.perf_counter()
+    while True:
+        last = step == hp.iterations or (stop_after is not None and step >= stop_after)
+        if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
+            sync()
+            train_ms += 1000 * (time.perf_counter() - t0)
+            base_model.eval()
+            loss, bpb, _, _ = run_eval(val_logits, hp.train_seq_len, hp.train_seq_len)
+            base_model.train()
+            log(f"step:{step}/{hp.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{train_ms:.0f}ms "
+                f"step_avg:{train_ms / max(step, 1):.2f}ms")
+            sync()
+            t0 = time.perf_counter()
+        if last:
+            if stop_after is not None and step < hp.iterations:
+                log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{hp.iterations}")
+            break
+        scale = lr_multiplier(step, train_ms + 1000 * (time.perf_counter() - t0), hp)
+        train_loss = train_step(loader, step, scale)
+        step += 1
+        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        if hp.swa_enabled and scale < 0.5 and step % hp.swa_every == 0:
+            snapshot = {k: v.detach().float().cpu() for k, v in base_model.state_dict().items()}
+            if swa_sum is None:
+                swa_sum = snapshot
+                log(f"swa:start step:{step}")
+            else:
+                for k, v in snapshot.items():
+                    swa_sum[k] += v
+            swa_count += 1
+        if step <= 10 or step % hp.train_log_every == 0:
+            log(f"step:{step}/{hp.iterations} train_loss:{train_loss.item():.4f} train_time:{elapsed_ms:.0f}ms "
+                f"step_avg:{elapsed_ms / step:.2f}ms")
+        reached = torch.tensor(float(cap_ms > 0 and elapsed_ms >= cap_ms), device=device)
+        if distributed:
+            dist.all_reduce(reached, op=dist.ReduceOp.MAX)
+        if stop_after is None and reached.item():
+            stop_after = step
+
+    if device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    state = {k: v.detach().cpu() for k, v in base_model.state_dict().items() if not k.startswith("mtp_heads.")}
+    if swa_count > 1:
+        log(f"swa:applying averaged {swa_count} checkpoints")
+        state = {k: (swa_sum[k] / swa_count).to(v.dtype) for k, v in state.items()}
+    return state
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except InputError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
