@@ -459,31 +459,52 @@ def _tiny_training_helper() -> Any:
     return getattr(conftest, "run_tiny_training", None)
 
 
+def _tiny_log(workdir: Path, result: Any, run_id: str) -> Path:
+    """run_tiny_training returns the log path or the finished process (log at workdir/logs/<RUN_ID>.txt)."""
+    return Path(result) if isinstance(result, (str, Path)) else workdir / "logs" / f"{run_id}.txt"
+
+
 @pytest.mark.skipif(not REAL_SCRIPT.is_file(), reason="train_gpt.py does not exist yet")
-@pytest.mark.skipif(_tiny_training_helper() is None, reason="tests/conftest.py has no run_tiny_training(tmp_path, **env) helper yet")
-def test_real_tiny_training_logs_package(tmp_path: Path, script_info: dict[str, Any]) -> None:
+@pytest.mark.skipif(_tiny_training_helper() is None, reason="tests/conftest.py has no run_tiny_training helper yet")
+def test_real_tiny_training_logs_package(tmp_path: Path, script_info: dict[str, Any], request: pytest.FixtureRequest) -> None:
+    """Two real CPU runs of train_gpt.py (conftest's tiny settings) parse, check and package end to end."""
     run_tiny_training = _tiny_training_helper()
+    data = request.getfixturevalue("tiny_data")  # skips when the shared tokenizer/documents are missing
     logs = []
-    for seed in (1, 2):
-        (tmp_path / f"s{seed}").mkdir()
-        logs.append(run_tiny_training(tmp_path / f"s{seed}", SEED=str(seed)))
+    for seed in (1, 2):  # a handful of steps each: the test is about the log format, not the model
+        workdir = tmp_path / f"s{seed}"
+        result = run_tiny_training(workdir, data=data, SEED=str(seed), RUN_ID=f"seed{seed}", ITERATIONS="4",
+                                   VAL_LOSS_EVERY="2")
+        logs.append(_tiny_log(workdir, result, f"seed{seed}"))
+    seeds = [1, 2]
     for log in logs:
-        run = pkg.parse_log(Path(log))
-        assert run.source == script_info["bytes"] or run.source == script_info["bytes"] + b"\n"
-        assert run.seed is not None and run.hparams and run.world_size == 1
-        assert run.sw_loss is not None and run.rt_loss is not None and run.total_bytes is not None
-        assert run.post_training_ms is not None
-    # the helper's settings may use a validation subset etc., so package as non-record and check what must hold
-    rc = run_pkg(tmp_path, script_info, [Path(p) for p in logs], "--non-record", "--sota-loss", "10.0")
+        run = pkg.parse_log(log)
+        assert run.source == script_info["bytes"]
+        assert run.seed is not None and run.hparams and run.world_size == 1 and run.device == "cpu"
+        assert run.sw_loss is not None and run.rt_loss is not None and run.post_training_ms is not None
+        assert run.model_bytes + run.code_bytes == run.total_bytes and run.code_bytes == len(script_info["bytes"])
+        assert run.steps and run.train_time_ms is not None and run.pre_quant_bpb is not None
+    # as a record these must fail on the tiny settings' validation subset / disabled wall-clock cap
+    runs = [pkg.parse_log(p) for p in logs]
+    comp = pkg.check_runs(runs, script_info["bytes"])
+    expect_subset = any(r.hparams.get("VAL_MAX_TOKENS", "0") != "0" for r in runs)
+    assert comp.flags["full_validation_set"] is (not expect_subset)
+    cap_ok = all(0 < float(r.hparams["MAX_WALLCLOCK_SECONDS"]) <= 600 for r in runs)
+    assert comp.flags["train_under_600s"] is cap_ok
+    assert comp.flags["same_script_all_seeds"] and comp.flags["final_lines_present"] and comp.flags["training_runs"]
+    assert comp.flags["same_config_all_seeds"] and comp.flags["artifact_under_16mb"]
+    rc = run_pkg(tmp_path, script_info, logs, "--non-record", "--sota-loss", "10.0")
     assert rc == 0
     d = record_dir(tmp_path, "track_non_record_16mb")
     sub = json.loads((d / "submission.json").read_text())
-    assert sub["seeds"] == [1, 2]
-    assert not str(sub["hardware"]).startswith("unknown")
+    assert sub["seeds"] == seeds
+    assert sub["hardware"].startswith("CPU")
     assert (d / "train_gpt.py").read_bytes() == script_info["bytes"]
-    assert sub["compliance"]["same_script_all_seeds"] is True
-    assert sub["compliance"]["final_lines_present"] is True
-    assert sub["compliance"]["training_runs"] is True
+    assert (d / f"train_seed{seeds[0]}.log").read_bytes() == logs[0].read_bytes()
+    assert sub["significance"]["computable"] and sub["significance"]["df"] == 1
+    assert sub["val_bpb"] == pytest.approx((runs[0].sw_bpb + runs[1].sw_bpb) / 2, abs=1e-8)
     readme = (d / "README.md").read_text()
+    assert "for SEED in 1 2; do" in readme
     assert "torchrun --standalone --nproc_per_node=1 train_gpt.py" in readme
+    assert "NUM_LAYERS=3 " in readme and "RUN_ID=" not in readme
     assert "could not be loaded" not in readme
