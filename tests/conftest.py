@@ -80,6 +80,17 @@ def field(line: str, key: str) -> str:
 
 
 @pytest.fixture(scope="session")
+def default_model():
+    """The seed configuration's model (26,829,913 parameters), built once; tests must not modify it."""
+    import torch
+
+    import train_gpt as tg
+
+    torch.manual_seed(1337)
+    return tg.build_model(tg.read_hyperparameters({}), torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     if not (TOKENIZER.is_file() and DOCS.is_file()):
         pytest.skip(f"real tokenizer/documents not found in {SHARED_DATA} (set PG_SHARED_DATA)")

@@ -21,12 +21,6 @@ def small_model(seed: int = 0, **env) -> tg.GPT:
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def default_model() -> tg.GPT:
-    torch.manual_seed(1337)
-    return tg.build_model(tg.read_hyperparameters({}), CPU)
-
-
 def test_default_parameter_count_and_names(default_model):
     state = default_model.state_dict()
     assert sum(p.numel() for p in default_model.parameters()) == 26_829_913

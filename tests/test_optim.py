@@ -60,11 +60,9 @@ def test_muon_step_matches_its_definition():
     assert torch.allclose(wide.detach(), expected[1], atol=1e-5)
 
 
-def test_parameter_groups_of_the_default_model():
-    torch.manual_seed(0)
-    hp = tg.read_hyperparameters({})
-    model = tg.build_model(hp, torch.device("cpu"))
-    muon, adamw = tg.build_optimizers(model, hp, tg.newton_schulz, fused=False)
+def test_parameter_groups_of_the_default_model(default_model):
+    model = default_model
+    muon, adamw = tg.build_optimizers(model, SEED_HP, tg.newton_schulz, fused=False)
     names = {id(p): n for n, p in model.named_parameters()}
     matrices = {names[id(p)] for p in muon.param_groups[0]["params"]}
     assert len(matrices) == 67 and "bigram.proj.weight" in matrices
