@@ -616,16 +616,21 @@ def quantize_state_dict(state: dict[str, torch.Tensor], control_patterns: tuple[
 
 
 def dequantize_state_dict(tensors: dict, meta: dict, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def mismatch(what: str):
+        return InputError(f"artifact does not match the model configuration ({what}); "
+                          "set the same model env vars as the training run")
+
     if set(meta) != set(reference):
         missing, extra = sorted(set(reference) - set(meta)), sorted(set(meta) - set(reference))
-        raise InputError(f"artifact does not match the model configuration (missing {missing[:3]}, "
-                         f"unexpected {extra[:3]}); set the same model env vars as the training run")
+        raise mismatch(f"missing {missing[:3]}, unexpected {extra[:3]}")
     out = {}
     for name, ref in reference.items():
         if meta[name] in ("passthrough", "passthrough_ctrl"):
             out[name] = tensors[name].to(ref.dtype)
         else:
             out[name] = (tensors[name + ".q"].float() * tensors[name + ".scale"].float()).to(ref.dtype)
+        if out[name].shape != ref.shape:
+            raise mismatch(f"{name} is {tuple(out[name].shape)}, the model expects {tuple(ref.shape)}")
     return out
 
 
