@@ -298,6 +298,13 @@ class DistributedTokenLoader:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+def check_token_ids(tokens: np.ndarray, vocab_size: int, source: str) -> None:
+    """Data made with another tokenizer would index past the embedding table: refuse it up front."""
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        raise InputError(f"{source}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size} "
+                         "(data from another tokenizer?)")
+
+
 def load_validation_tokens(files: list[str], seq_len: int, max_tokens: int) -> torch.Tensor:
     """Concatenated val shards, cut to a whole number of seq_len targets (+1 token for the last target)."""
     tokens = np.concatenate([load_data_shard(f) for f in files])
@@ -552,22 +559,22 @@ def evaluate(logits_fn, val_tokens: torch.Tensor, luts, window: int, stride: int
     window = min(window, total)
     windows = sliding_windows(total, window, stride)
     mine = windows[len(windows) * rank // world_size : len(windows) * (rank + 1) // world_size]
-    luts = [t.to(device) for t in luts]
-    positions = torch.arange(window + 1)
+    val, luts = val_tokens.to(device), [t.to(device) for t in luts]
+    positions = torch.arange(window + 1, device=device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
-    for i in range(0, len(mine), batch_windows):
-        batch = mine[i : i + batch_windows]
-        batch += [(batch[-1][0], window)] * (batch_windows - len(batch))  # fixed shape: no recompiles
-        starts, first = (torch.tensor(c) for c in zip(*batch))
-        tokens = val_tokens[starts[:, None] + positions].to(device)
-        x, y = tokens[:, :-1], tokens[:, 1:]
-        with torch.inference_mode(), autocast(device):
-            logits = logits_fn(x)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        scored = (positions[:-1][None] >= first[:, None]).to(device)
-        sums[0] += nll.double()[scored].sum()
-        sums[1] += scored.sum()
-        sums[2] += target_bytes(x, y, luts)[scored].sum()
+    if mine:
+        mine += [(mine[-1][0], window)] * (-len(mine) % batch_windows)  # scores nothing; keeps shapes fixed
+        starts, first = (torch.tensor(column, device=device)[:, None] for column in zip(*mine))
+        for i in range(0, len(mine), batch_windows):
+            tokens = val[starts[i : i + batch_windows] + positions]
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            with torch.inference_mode(), autocast(device):
+                logits = logits_fn(x)
+            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+            scored = positions[:-1] >= first[i : i + batch_windows]
+            sums[0] += (nll.double() * scored).sum()
+            sums[1] += scored.sum()
+            sums[2] += (target_bytes(x, y, luts) * scored).sum()
     if world_size > 1:
         dist.all_reduce(sums)
     loss, tokens, nbytes = sums.tolist()
@@ -738,6 +745,7 @@ def main() -> int:
     luts = build_byte_luts(sp, hp.vocab_size)
     val_files = resolve_files(hp.val_glob, "VAL_FILES")
     val_tokens = load_validation_tokens(val_files, max(hp.train_seq_len, hp.eval_len), hp.val_max_tokens)
+    check_token_ids(val_tokens.numpy(), hp.vocab_size, f"VAL_FILES={hp.val_glob}")
     if hp.eval_only:
         if not os.path.isfile(hp.eval_only):
             raise InputError(f"EVAL_ONLY={hp.eval_only}: no such artifact file")
@@ -745,6 +753,7 @@ def main() -> int:
         train_files = resolve_files(hp.train_glob, "TRAIN_FILES")
         if sum(read_shard_header(f) for f in train_files) == 0:
             raise InputError(f"TRAIN_FILES={hp.train_glob}: the shards hold no tokens")
+        check_token_ids(load_data_shard(train_files[0]), hp.vocab_size, train_files[0])
 
     if cuda:
         torch.cuda.set_device(device)

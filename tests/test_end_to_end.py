@@ -12,6 +12,20 @@ from conftest import REPO, TINY_ENV, TOKENIZER, field, log_lines, run_tiny_train
 FINAL = ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact")
 
 
+def small_tokenizer(folder, vocab_size: int):
+    import json
+
+    import sentencepiece as spm
+
+    from conftest import DOCS
+
+    folder.mkdir(exist_ok=True)
+    texts = [json.loads(line)["text"] for line in DOCS.read_text(encoding="utf-8").splitlines()[:50]]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(folder / "sp"),
+                                   model_type="bpe", vocab_size=vocab_size, byte_fallback=True, minloglevel=2)
+    return folder / "sp.model"
+
+
 def lines_starting(lines, prefix):
     return [line for line in lines if line.startswith(prefix)]
 
@@ -106,8 +120,11 @@ def test_over_the_size_limit_is_loud_and_fails(tiny_run, tiny_data, monkeypatch)
     ({"TRAIN_FILES": "nothing_*.bin"}, "TRAIN_FILES=nothing_*.bin: no files match"),
     ({"EVAL_ONLY": "missing.ptz"}, "EVAL_ONLY=missing.ptz: no such artifact file"),
     ({"NUM_KV_HEADS": "3"}, "must be a multiple of NUM_KV_HEADS=3"),
+    ({"VOCAB_SIZE": "512", "TOKENIZER_PATH": "SMALL"}, ">= VOCAB_SIZE=512 (data from another tokenizer?)"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_data, env, message):
+    if env.get("TOKENIZER_PATH") == "SMALL":  # a real 512-piece tokenizer, so only the data disagrees
+        env["TOKENIZER_PATH"] = str(small_tokenizer(tmp_path.parent / "sp512", 512))
     full = {**os.environ, **TINY_ENV, "DATA_PATH": str(tiny_data), "TOKENIZER_PATH": str(TOKENIZER), **env}
     proc = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=tmp_path, env=full,
                           capture_output=True, text=True, timeout=120)
