@@ -884,10 +884,13 @@ def train(hp, log, sync, run_eval, train_files, device, rank, world_size, grad_a
         model_state = copy.deepcopy(base_model.state_dict())
         opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         loader = DistributedTokenLoader(train_files, rank, world_size, device)
+        warmup_start = time.perf_counter()
         for i in range(hp.warmup_steps):
             train_step(loader, 0, 1.0)
             if hp.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == hp.warmup_steps:
                 log(f"warmup_step:{i + 1}/{hp.warmup_steps}")
+        sync()
+        log(f"warmup_time:{1000 * (time.perf_counter() - warmup_start):.0f}ms (includes compilation)")
         base_model.load_state_dict(model_state)
         for opt, state in zip(optimizers, opt_states):
             opt.load_state_dict(state)
