@@ -95,16 +95,20 @@ def test_compile_warmup_is_fully_undone(tmp_path, tiny_run, tiny_data):
     assert early(log_lines(tiny_run)) == early(log_lines(tmp_path))  # bit-identical losses
 
 
-def test_over_the_size_limit_is_loud_and_fails(tiny_run, tiny_data, monkeypatch):
-    """In-process, with the limit lowered below the tiny artifact's size."""
-    env = {**TINY_ENV, "DATA_PATH": str(tiny_data), "TOKENIZER_PATH": str(TOKENIZER), "RUN_ID": "oversize",
-           "EVAL_ONLY": "final_model.int6.ptz"}
-    monkeypatch.chdir(tiny_run)
+def run_main_in_process(monkeypatch, workdir, tiny_data, **env):
+    monkeypatch.chdir(workdir)
     for key in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(os, "environ", {**os.environ, **env})
+    full = {**TINY_ENV, "DATA_PATH": str(tiny_data), "TOKENIZER_PATH": str(TOKENIZER), **env}
+    monkeypatch.setattr(os, "environ", {**os.environ, **full})
+    return tg.main()
+
+
+def test_over_the_size_limit_is_loud_and_fails(tiny_run, tiny_data, monkeypatch):
+    """In-process, with the limit lowered below the tiny artifact's size."""
     monkeypatch.setattr(tg, "SIZE_LIMIT_BYTES", 100_000)
-    assert tg.main() == 1
+    assert run_main_in_process(monkeypatch, tiny_run, tiny_data, RUN_ID="oversize",
+                               EVAL_ONLY="final_model.int6.ptz") == 1
     lines = log_lines(tiny_run, "oversize")
     (over,) = lines_starting(lines, "size_limit:exceeded")
     total = int(lines_starting(lines, "Total submission size int6+zstd:")[0].split()[4])
@@ -131,3 +135,18 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_data, env, mess
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip()[7:]}"] and message in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no log, no artifact
+
+
+def test_stride_zero_skips_the_sliding_eval(tiny_run, tiny_data, monkeypatch):
+    assert run_main_in_process(monkeypatch, tiny_run, tiny_data, RUN_ID="nostride", EVAL_STRIDE="0",
+                               EVAL_ONLY="final_model.int6.ptz") == 0
+    lines = log_lines(tiny_run, "nostride")
+    assert lines_starting(lines, "final_int6_roundtrip_exact") == lines_starting(log_lines(tiny_run), FINAL[0])
+    assert not lines_starting(lines, "final_int6_sliding_window")
+
+
+def test_missing_zstandard_is_an_error_not_a_fallback(tmp_path, tiny_data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # makes `import zstandard` raise ImportError
+    with pytest.raises(tg.InputError, match="zstandard package is required"):
+        run_main_in_process(monkeypatch, tmp_path, tiny_data)
+    assert list(tmp_path.iterdir()) == []  # refused before training, nothing written
