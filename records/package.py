@@ -821,7 +821,10 @@ def build_readme(
     L.append("")
     L.append("## Files")
     L.append("")
-    L.append("- `train_gpt.py`: the exact script embedded in every log")
+    if comp.flags.get("same_script_all_seeds", True):
+        L.append("- `train_gpt.py`: the exact script embedded in every log")
+    else:
+        L.append("- `train_gpt.py`: the --script file; it does NOT match every log's embedded script (see Compliance)")
     for i, r in enumerate(runs):
         L.append(f"- `{_log_name(r, i, runs)}`: log of seed {r.seed}")
     L.append("- `submission.json`: metadata and per-seed results")

@@ -508,3 +508,15 @@ def test_real_tiny_training_logs_package(tmp_path: Path, script_info: dict[str, 
     assert "torchrun --standalone --nproc_per_node=1 train_gpt.py" in readme
     assert "NUM_LAYERS=3 " in readme and "RUN_ID=" not in readme
     assert "could not be loaded" not in readme
+
+
+def test_non_record_with_a_different_script_says_so(tmp_path: Path, script_info: dict[str, Any]) -> None:
+    logs = write_logs(tmp_path, script_info, GOOD)
+    other = tmp_path / "train_gpt.py"
+    other.write_bytes(script_info["bytes"] + b"# edited\n")
+    argv = [str(p) for p in logs] + ["--name", "X", "--author", "a", "--github-id", "g", "--date", "2026-03-24",
+                                     "--script", str(other), "--out-root", str(tmp_path / "out"), "--non-record"]
+    assert pkg.main(argv) == 0
+    readme = (record_dir(tmp_path, "track_non_record_16mb") / "README.md").read_text()
+    assert "does NOT match every log's embedded script" in readme
+    assert "the exact script embedded in every log" not in readme
