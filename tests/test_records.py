@@ -514,7 +514,7 @@ def test_non_record_with_a_different_script_says_so(tmp_path: Path, script_info:
     logs = write_logs(tmp_path, script_info, GOOD)
     other = tmp_path / "train_gpt.py"
     other.write_bytes(script_info["bytes"] + b"# edited\n")
-    argv = [str(p) for p in logs] + ["--name", "X", "--author", "a", "--github-id", "g", "--date", "2026-03-24",
+    argv = [str(p) for p in logs] + ["--name", "Test Record", "--author", "a", "--github-id", "g", "--date", "2026-03-24",
                                      "--script", str(other), "--out-root", str(tmp_path / "out"), "--non-record"]
     assert pkg.main(argv) == 0
     readme = (record_dir(tmp_path, "track_non_record_16mb") / "README.md").read_text()
