@@ -62,7 +62,7 @@ def summarise(log: Path) -> dict[str, float | str]:
         tokens_per_s = hp.train_batch_tokens / (ms / 1000)
         out.update(steps=int(step.group(1)), ms_per_step=ms, tokens_per_s=tokens_per_s,
                    tokens_per_s_per_gpu=tokens_per_s / world,
-                   mfu=model_flops_per_token(hp) * tokens_per_s / (H100_BF16_DENSE_FLOPS * world))
+                   mfu_vs_h100_bf16=model_flops_per_token(hp) * tokens_per_s / (H100_BF16_DENSE_FLOPS * world))
     warmup = last_match(lines, r"^warmup_time:(\d+)ms")
     if warmup:
         out["warmup_compile_s"] = int(warmup.group(1)) / 1000
