@@ -45,6 +45,8 @@ from typing import Any
 
 from huggingface_hub import hf_hub_download
 
+from make_shards import OneLineParser  # data/ is on sys.path when this runs as a script
+
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_ROOT = "datasets"
 DEFAULT_TRAIN_SHARDS = 80
@@ -301,13 +303,6 @@ class Fetcher:
 # CLI
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but usage errors are a single line on stderr (exit status 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _train_shards(text: str) -> int:
     try:
         n = int(text)
@@ -319,7 +314,7 @@ def _train_shards(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = OneLineParser(
         prog=PROG,
         description="Download the challenge FineWeb export (all validation shards, the first N training "
         "shards and the tokenizer) from the Hugging Face hub. Complete local files are kept; missing or "

@@ -250,7 +250,7 @@ def build_shards(
 # CLI
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse, but usage errors are a single line on stderr (exit status 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -271,7 +271,7 @@ def _int_in(lo: int, hi: int) -> Callable[[str], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = OneLineParser(
         prog=PROG,
         description="Tokenise a JSONL or plain-text corpus with a SentencePiece model into challenge-format "
         "shards: BOS before every document, the first K documents as fineweb_val_*.bin, the rest as "
