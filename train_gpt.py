@@ -726,20 +726,37 @@ class Logger:
         self.write(line)
 
 
-def main() -> int:
-    hp = read_hyperparameters(os.environ)
+def runtime(hp: SimpleNamespace) -> SimpleNamespace:
+    """Where this process runs: torchrun's rank and world size, the accumulation that keeps the batch of 8 GPUs,
+    the device, and whether to compile."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank = int(os.environ.get("RANK", 0)) if distributed else 0
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ["WORLD_SIZE"]) if distributed else 1
     grad_accum = 8 // world_size if 8 % world_size == 0 else 1
     local_tokens = hp.train_batch_tokens // (world_size * grad_accum)
     if local_tokens * world_size * grad_accum != hp.train_batch_tokens or local_tokens % hp.train_seq_len:
         raise InputError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must split into {world_size} ranks x "
                          f"{grad_accum} micro-steps of whole TRAIN_SEQ_LEN={hp.train_seq_len} sequences")
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    use_compile = hp.compile == "1" or (hp.compile == "auto" and cuda)
+    return SimpleNamespace(
+        distributed=distributed, rank=int(os.environ["RANK"]) if distributed else 0, world_size=world_size,
+        grad_accum=grad_accum, local_tokens=local_tokens, cuda=cuda,
+        device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu"),
+        compile=hp.compile == "1" or (hp.compile == "auto" and cuda))
+
+
+def maybe_compile(fn, rt: SimpleNamespace):
+    return torch.compile(fn, dynamic=False, fullgraph=True) if rt.compile else fn
+
+
+def sync(rt: SimpleNamespace) -> None:
+    """Wait for queued GPU work, so that wall-clock readings mean what they say."""
+    if rt.cuda:
+        torch.cuda.synchronize()
+
+
+def main() -> int:
+    hp = read_hyperparameters(os.environ)
+    rt = runtime(hp)
     compressor()
     sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     luts = build_byte_luts(sp, hp.vocab_size)
@@ -755,27 +772,27 @@ def main() -> int:
             raise InputError(f"TRAIN_FILES={hp.train_glob}: the shards hold no tokens")
         check_token_ids(load_data_shard(train_files[0]), hp.vocab_size, train_files[0])
 
-    if cuda:
-        torch.cuda.set_device(device)
+    if rt.cuda:
+        torch.cuda.set_device(rt.device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch.backends.cuda.enable_mem_efficient_sdp(False)
         torch.backends.cuda.enable_math_sdp(False)
-    if distributed:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    if rt.distributed:
+        dist.init_process_group("nccl" if rt.cuda else "gloo", device_id=rt.device if rt.cuda else None)
         dist.barrier()
     code = Path(__file__).read_bytes()
-    log = Logger(hp.run_id, rank == 0, code)
+    log = Logger(hp.run_id, rt.rank == 0, code)
     for name in HPARAM_NAMES:
         log(f"hparam {name}={getattr(hp, name.lower())}")
     if hp.val_max_tokens:
         log(f"val_subset:VAL_MAX_TOKENS={hp.val_max_tokens} scores below are subset scores, not submission scores")
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
     log(f"val_loader:shards pattern={hp.val_glob} tokens:{len(val_tokens) - 1}")
-    log(f"world_size:{world_size} grad_accum_steps:{grad_accum}")
-    log(f"attention_backend:{'fa3' if flash_attn_func is not None and cuda else 'sdpa'} compile:{int(use_compile)} "
-        f"device:{device.type}")
+    log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum}")
+    log(f"attention_backend:{'fa3' if flash_attn_func is not None and rt.cuda else 'sdpa'} compile:{int(rt.compile)} "
+        f"device:{rt.device.type}")
     log(f"attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads}")
     log(f"XSA:last_{hp.xsa_last_n} active_layers:{list(range(hp.num_layers - hp.xsa_last_n, hp.num_layers))}")
     log(f"seed:{hp.seed}")
@@ -784,13 +801,9 @@ def main() -> int:
     torch.manual_seed(hp.seed)
     CastedLinear.qat = hp.qat_enabled  # fixed for the whole run, so torch.compile may fold it
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     def run_eval(logits_fn, window: int, stride: int):
-        batch = max(1, hp.val_batch_size // (world_size * grad_accum) // window)
-        return evaluate(logits_fn, val_tokens, luts, window, stride, batch, rank, world_size, device)
+        batch = max(1, hp.val_batch_size // (rt.world_size * rt.grad_accum) // window)
+        return evaluate(logits_fn, val_tokens, luts, window, stride, batch, rt.rank, rt.world_size, rt.device)
 
     post_start = time.perf_counter()
     if hp.eval_only:
@@ -798,17 +811,16 @@ def main() -> int:
         artifact = hp.eval_only
     else:
         artifact = ARTIFACT_PATH
-        final_state = train(hp, log, sync, run_eval, train_files, device, rank, world_size, grad_accum,
-                            local_tokens, use_compile, distributed)
+        final_state = train(hp, rt, log, run_eval, train_files)
         post_start = time.perf_counter()
         blob, stats = pack_artifact(final_state, hp.control_patterns)
         for route, (rows, floor) in sorted(stats.items()):
             log(f"quant:{route} rows:{rows} scale_floor_rows:{floor}")
-        if rank == 0:
+        if rt.rank == 0:
             tmp = Path(artifact + ".tmp")
             tmp.write_bytes(blob)
             tmp.replace(artifact)
-        if distributed:
+        if rt.distributed:
             dist.barrier()
         log(f"export_time:{1000 * (time.perf_counter() - post_start):.0f}ms")
 
@@ -820,54 +832,52 @@ def main() -> int:
     if total_bytes > SIZE_LIMIT_BYTES:
         log(f"size_limit:exceeded total:{total_bytes} limit:{SIZE_LIMIT_BYTES} over_by:{total_bytes - SIZE_LIMIT_BYTES}")
 
-    eval_model = build_model(hp, device)
+    eval_model = build_model(hp, rt.device)
     eval_model.load_state_dict(unpack_artifact(Path(artifact).read_bytes(), eval_model.state_dict()), strict=True)
     eval_model.eval()
-    logits_fn = torch.compile(eval_model.forward_logits, dynamic=False, fullgraph=True) if use_compile \
-        else eval_model.forward_logits
+    logits_fn = maybe_compile(eval_model.forward_logits, rt)
     finals = [("final_int6_roundtrip", hp.eval_len)]
     if 0 < hp.eval_stride < hp.eval_len:
         finals.append(("final_int6_sliding_window", hp.eval_stride))
     for label, stride in finals:
-        sync()
+        sync(rt)
         t0 = time.perf_counter()
         loss, bpb, tokens, nbytes = run_eval(logits_fn, hp.eval_len, stride)
-        sync()
+        sync(rt)
         extra = f" stride:{stride}" if stride < hp.eval_len else ""
         log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{extra} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
         log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} tokens:{tokens} bytes:{nbytes}")
     log(f"post_training_time:{1000 * (time.perf_counter() - post_start):.0f}ms")
-    if distributed:
+    if rt.distributed:
         dist.destroy_process_group()
     return 1 if total_bytes > SIZE_LIMIT_BYTES else 0
 
 
-def train(hp, log, sync, run_eval, train_files, device, rank, world_size, grad_accum, local_tokens,
-          use_compile, distributed) -> dict[str, torch.Tensor]:
+def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, run_eval, train_files: list[str]) -> dict:
     """The timed training loop; returns the (SWA-averaged) state dict to export."""
-    base_model = build_model(hp, device, hp.mtp_num_heads)
+    base_model = build_model(hp, rt.device, hp.mtp_num_heads)
     log(f"model_params:{sum(p.numel() for p in base_model.parameters() if p.requires_grad)}")
     log(f"mtp_num_heads:{hp.mtp_num_heads} mtp_loss_weight:{hp.mtp_loss_weight} "
         f"mtp_params:{sum(p.numel() for p in base_model.mtp_heads.parameters())}")
     log(f"train_loader:dataset:{Path(train_files[0]).parent.name} train_shards:{len(train_files)}")
-    compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if use_compile else base_model
-    model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if distributed else compiled
-    orthogonalize = torch.compile(newton_schulz) if use_compile else newton_schulz
-    optimizers = build_optimizers(base_model, hp, orthogonalize, fused=device.type == "cuda")
+    compiled = maybe_compile(base_model, rt)
+    model = DDP(compiled, device_ids=[rt.device.index] if rt.cuda else None) if rt.distributed else compiled
+    orthogonalize = torch.compile(newton_schulz) if rt.compile else newton_schulz
+    optimizers = build_optimizers(base_model, hp, orthogonalize, fused=rt.cuda)
     log(f"tie_embeddings:{hp.tie_embeddings} embed_lr:{optimizers[1].param_groups[0]['lr']} "
         f"head_lr:{hp.head_lr if not hp.tie_embeddings else 0.0} matrix_lr:{hp.matrix_lr} scalar_lr:{hp.scalar_lr}")
     log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} iterations:{hp.iterations} "
         f"warmup_steps:{hp.warmup_steps} max_wallclock_seconds:{hp.max_wallclock_seconds:.3f}")
 
     def train_step(loader: DistributedTokenLoader, step: int, lr_scale: float) -> torch.Tensor:
-        total = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            x, y = loader.next_batch(local_tokens, hp.train_seq_len)
-            if distributed:
-                model.require_backward_grad_sync = micro == grad_accum - 1
-            with autocast(device):
+        total = torch.zeros((), device=rt.device)
+        for micro in range(rt.grad_accum):
+            x, y = loader.next_batch(rt.local_tokens, hp.train_seq_len)
+            if rt.distributed:
+                model.require_backward_grad_sync = micro == rt.grad_accum - 1
+            with autocast(rt.device):
                 loss = model(x, y)
-            (loss / grad_accum).backward()
+            (loss / rt.grad_accum).backward()
             total += loss.detach()
         optimizers[0].param_groups[0]["momentum"] = muon_momentum(step, hp)
         for opt in optimizers:
@@ -878,42 +888,41 @@ def train(hp, log, sync, run_eval, train_files, device, rank, world_size, grad_a
         for opt in optimizers:
             opt.step()
         base_model.zero_grad(set_to_none=True)
-        return total / grad_accum
+        return total / rt.grad_accum
 
     if hp.warmup_steps:  # compile priming on real batches, then every state is put back exactly
         model_state = copy.deepcopy(base_model.state_dict())
         opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        loader = DistributedTokenLoader(train_files, rank, world_size, device)
+        loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
         warmup_start = time.perf_counter()
         for i in range(hp.warmup_steps):
             train_step(loader, 0, 1.0)
             if hp.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == hp.warmup_steps:
                 log(f"warmup_step:{i + 1}/{hp.warmup_steps}")
-        sync()
+        sync(rt)
         log(f"warmup_time:{1000 * (time.perf_counter() - warmup_start):.0f}ms (includes compilation)")
         base_model.load_state_dict(model_state)
         for opt, state in zip(optimizers, opt_states):
             opt.load_state_dict(state)
-    loader = DistributedTokenLoader(train_files, rank, world_size, device)
+    loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
 
-    val_logits = torch.compile(base_model.forward_logits, dynamic=False, fullgraph=True) if use_compile \
-        else base_model.forward_logits
+    val_logits = maybe_compile(base_model.forward_logits, rt)
     swa_sum, swa_count = None, 0
     train_ms, stop_after, step = 0.0, None, 0
     cap_ms = 1000 * hp.max_wallclock_seconds
-    sync()
+    sync(rt)
     t0 = time.perf_counter()
     while True:
         last = step == hp.iterations or (stop_after is not None and step >= stop_after)
         if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
-            sync()
+            sync(rt)
             train_ms += 1000 * (time.perf_counter() - t0)
             base_model.eval()
             loss, bpb, _, _ = run_eval(val_logits, hp.train_seq_len, hp.train_seq_len)
             base_model.train()
             log(f"step:{step}/{hp.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{train_ms:.0f}ms "
                 f"step_avg:{train_ms / max(step, 1):.2f}ms")
-            sync()
+            sync(rt)
             t0 = time.perf_counter()
         if last:
             if stop_after is not None and step < hp.iterations:
@@ -935,13 +944,13 @@ def train(hp, log, sync, run_eval, train_files, device, rank, world_size, grad_a
         if step <= 10 or step % hp.train_log_every == 0:
             log(f"step:{step}/{hp.iterations} train_loss:{train_loss.item():.4f} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{elapsed_ms / step:.2f}ms")
-        reached = torch.tensor(float(cap_ms > 0 and elapsed_ms >= cap_ms), device=device)
-        if distributed:
+        reached = torch.tensor(float(cap_ms > 0 and elapsed_ms >= cap_ms), device=rt.device)
+        if rt.distributed:
             dist.all_reduce(reached, op=dist.ReduceOp.MAX)
         if stop_after is None and reached.item():
             stop_after = step
 
-    if device.type == "cuda":
+    if rt.cuda:
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     state = {k: v.detach().cpu() for k, v in base_model.state_dict().items() if not k.startswith("mtp_heads.")}
