@@ -45,7 +45,7 @@ from typing import Any
 
 from huggingface_hub import hf_hub_download
 
-from make_shards import OneLineParser  # data/ is on sys.path when this runs as a script
+from make_shards import OneLineParser, int_in  # data/ is on sys.path when this runs as a script
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_ROOT = "datasets"
@@ -303,16 +303,6 @@ class Fetcher:
 # CLI
 
 
-def _train_shards(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {n}")
-    return n
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog=PROG,
@@ -323,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="sp1024", help="tokenizer family, e.g. sp1024 (default: %(default)s)")
     p.add_argument(
         "--train-shards",
-        type=_train_shards,
+        type=int_in(0, 2**31 - 1),
         default=DEFAULT_TRAIN_SHARDS,
         metavar="N",
         help="number of training shards to fetch, 100M tokens each (default: %(default)s)",

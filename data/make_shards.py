@@ -257,7 +257,8 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+def int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """argparse type: an integer in [lo, hi] (underscores allowed)."""
     def parse(text: str) -> int:
         try:
             value = int(text.replace("_", ""))
@@ -282,14 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write the shards into")
     p.add_argument(
         "--val-docs",
-        type=_int_in(0, 2**62),
+        type=int_in(0, 2**62),
         default=DEFAULT_VAL_DOCS,
         metavar="K",
         help="the first K documents form the validation split (default: %(default)s, as in the challenge)",
     )
     p.add_argument(
         "--shard-tokens",
-        type=_int_in(1, MAX_SHARD_TOKENS),
+        type=int_in(1, MAX_SHARD_TOKENS),
         default=DEFAULT_SHARD_TOKENS,
         metavar="N",
         help="tokens per shard; the last shard of each split may be shorter (default: %(default)s)",
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace fineweb_train_*/fineweb_val_* shards already in --out (otherwise that is an error)",
     )
-    p.add_argument("--threads", type=_int_in(0, 1024), default=0, help="encoder threads (0: all cores)")
+    p.add_argument("--threads", type=int_in(0, 1024), default=0, help="encoder threads (0: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
