@@ -6,11 +6,14 @@ Run: torchrun --standalone --nproc_per_node=8 train_gpt.py   (every hyperparamet
 from __future__ import annotations
 
 import copy
+import difflib
 import glob
+import hashlib
 import io
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -88,12 +91,28 @@ HPARAMS = [
     ("BIGRAM_VOCAB_SIZE", int, 2048),
     ("BIGRAM_DIM", int, 128),
     ("XSA_LAST_N", int, 3),
+    ("MLP_NEG_SLOPE", float, 0.0),  # MLP activation leaky_relu(x, slope)^2; 0 = relu^2 (the seed)
+    ("ROPE_DIMS", int, 0),  # rotate only the first ROPE_DIMS dims of each head; 0 = all
+    ("LN_SCALE", bool, False),  # scale block l's sublayer inputs by 1/sqrt(l+1)
+    ("EMA_DECAY", float, 0.0),  # exponential average of the weights, exported instead of SWA; 0 = off
     ("CONTROL_TENSOR_NAME_PATTERNS", str, CONTROL_PATTERNS),
+    ("QUANT_METHOD", str, "rowmax"),  # int6 quantiser: rowmax (the seed), clipsearch (GPTQ-lite) or gptq
+    ("GPTQ_CALIB_SEQS", int, 64),  # training sequences whose activations calibrate GPTQ
+    ("GPTQ_RESERVE_SECONDS", float, 10.0),  # taken off the training cap for GPTQ calibration
+    ("TTT_ENABLED", bool, False),  # legal score-first test-time training after the final evals
+    ("TTT_CHUNK_TOKENS", int, 32768),
+    ("TTT_EPOCHS", int, 3),
+    ("TTT_LR", float, 0.002),
+    ("TTT_MOMENTUM", float, 0.9),
+    ("TTT_FREEZE_BLOCKS", int, 0),
+    ("TTT_MAX_SECONDS", float, 300.0),  # cap on TTT's training time; later chunks are only scored (0 = no cap)
     ("COMPILE", str, "auto"),  # auto = on for CUDA, off on CPU
+    ("ATTENTION", str, "auto"),  # auto = FlashAttention-3 if its start-up probe passes on CUDA, else SDPA
     ("EVAL_ONLY", str, ""),  # path to a final_model.int6.ptz: skip training, score the artifact
 ]
 HPARAM_NAMES = [name for name, _, _ in HPARAMS]
 SIZE_LIMIT_BYTES = 16_000_000
+EVAL_LIMIT_MS = 600_000.0  # evaluation budget on 8xH100
 ARTIFACT_PATH = "final_model.int6.ptz"
 
 
@@ -119,11 +138,12 @@ def read_hyperparameters(env) -> SimpleNamespace:
     hp.val_glob = hp.val_files or os.path.join(hp.data_path, "fineweb_val_*.bin")
     hp.eval_len = hp.eval_seq_len if hp.eval_seq_len > 0 else hp.train_seq_len
     hp.control_patterns = tuple(p for p in hp.control_tensor_name_patterns.split(",") if p)
+    head_dim = hp.model_dim // max(hp.num_heads, 1)
     checks = [
         (hp.compile in ("auto", "0", "1"), "COMPILE must be auto, 0 or 1"),
-        (min(hp.train_seq_len, hp.train_batch_tokens, hp.val_batch_size, hp.num_layers) > 0,
-         "TRAIN_SEQ_LEN, TRAIN_BATCH_TOKENS, VAL_BATCH_SIZE and NUM_LAYERS must be positive"),
-        (hp.model_dim % hp.num_heads == 0 and (hp.model_dim // hp.num_heads) % 2 == 0,
+        (min(hp.train_seq_len, hp.train_batch_tokens, hp.val_batch_size, hp.num_layers, hp.num_heads) > 0,
+         "TRAIN_SEQ_LEN, TRAIN_BATCH_TOKENS, VAL_BATCH_SIZE, NUM_LAYERS and NUM_HEADS must be positive"),
+        (hp.num_heads > 0 and hp.model_dim % hp.num_heads == 0 and head_dim % 2 == 0,
          f"MODEL_DIM={hp.model_dim} must split into NUM_HEADS={hp.num_heads} heads of even size"),
         (hp.num_kv_heads > 0 and hp.num_heads % hp.num_kv_heads == 0,
          f"NUM_HEADS={hp.num_heads} must be a multiple of NUM_KV_HEADS={hp.num_kv_heads}"),
@@ -132,6 +152,20 @@ def read_hyperparameters(env) -> SimpleNamespace:
         (min(hp.eval_stride, hp.val_max_tokens, hp.mtp_num_heads, hp.warmup_steps) >= 0,
          "EVAL_STRIDE, VAL_MAX_TOKENS, MTP_NUM_HEADS and WARMUP_STEPS must be >= 0"),
         (hp.swa_every > 0, "SWA_EVERY must be positive"),
+        (hp.attention in ("auto", "fa3", "sdpa"), f"ATTENTION={hp.attention} must be auto, fa3 or sdpa"),
+        (hp.quant_method in ("rowmax", "clipsearch", "gptq"), f"QUANT_METHOD={hp.quant_method} must be rowmax, "
+         "clipsearch or gptq"),
+        (hp.gptq_calib_seqs > 0 and hp.gptq_reserve_seconds >= 0, "GPTQ_CALIB_SEQS must be positive and "
+         "GPTQ_RESERVE_SECONDS >= 0"),
+        (hp.quant_method != "gptq" or hp.max_wallclock_seconds <= 0 or hp.gptq_reserve_seconds < hp.max_wallclock_seconds,
+         f"GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}"),
+        (hp.ttt_chunk_tokens > 0 and hp.ttt_chunk_tokens % hp.train_seq_len == 0,
+         f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens} must be a positive multiple of TRAIN_SEQ_LEN={hp.train_seq_len}"),
+        (min(hp.ttt_epochs, hp.ttt_lr, hp.ttt_momentum) >= 0 and 0 <= hp.ttt_freeze_blocks <= hp.num_layers,
+         "TTT_EPOCHS, TTT_LR and TTT_MOMENTUM must be >= 0 and TTT_FREEZE_BLOCKS in [0, NUM_LAYERS]"),
+        (0 <= hp.ema_decay < 1, f"EMA_DECAY={hp.ema_decay} must lie in [0, 1) (0 = off)"),
+        (hp.rope_dims == 0 or (hp.rope_dims % 2 == 0 and 2 <= hp.rope_dims <= head_dim),
+         f"ROPE_DIMS={hp.rope_dims} must be 0 (whole head) or even in [2, head dim {head_dim}]"),
     ]
     for ok, message in checks:
         if not ok:
@@ -161,19 +195,23 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, orthogonalize):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
-        self.orthogonalize = orthogonalize
+        self.orthogonalize, self.flat = orthogonalize, {}
 
     @torch.no_grad()
     def step(self):
         distributed = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             params, mu = group["params"], group["momentum"]
-            flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.bfloat16, device=params[0].device)
+            if gi not in self.flat:  # the update buffer all ranks share, allocated once
+                self.flat[gi] = torch.empty(sum(p.numel() for p in params), dtype=torch.bfloat16, device=params[0].device)
+            flat = self.flat[gi].zero_()
             offset = 0
             for i, p in enumerate(params):
                 if i % world == rank and p.grad is not None:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+                    buf = self.state[p]["momentum_buffer"]
                     buf.mul_(mu).add_(p.grad)
                     update = self.orthogonalize(p.grad.add(buf, alpha=mu), group["backend_steps"])
                     update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
@@ -253,8 +291,9 @@ def read_shard_header(path: str) -> int:
 
 
 def load_data_shard(path: str) -> np.ndarray:
+    """The shard's tokens, memory-mapped: pages are read when used, never a whole shard on the critical path."""
     n = read_shard_header(path)
-    return np.fromfile(path, dtype="<u2", count=n, offset=HEADER_BYTES)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,)) if n else np.zeros(0, np.uint16)
 
 
 def resolve_files(pattern: str, variable: str) -> list[str]:
@@ -285,17 +324,36 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Every rank reads the same stream; each takes its own contiguous span (+1 token for the shifted targets)."""
+    """Every rank reads the same stream; each takes its own contiguous span (+1 token for the shifted targets).
+    The next span is staged as soon as the current one is handed out; on CUDA it goes through one of two pinned
+    buffers in a single non-blocking copy (x and y are views of it), so the host never waits on a transfer."""
 
-    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device):
+    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device, local_tokens: int,
+                 seq_len: int):
         self.stream, self.rank, self.world_size, self.device = TokenStream(files), rank, world_size, device
+        self.span, self.seq_len = local_tokens + 1, seq_len
+        cuda = device.type == "cuda"
+        self.pinned = [torch.empty(self.span, dtype=torch.int64, pin_memory=True) for _ in range(2)] if cuda else []
+        self.copied = [None, None]  # event recorded after the last copy out of each pinned buffer
+        self.slot = 0
+        self.staged = self._stage()
 
-    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        span = local_tokens + 1
-        chunk = self.stream.take(span * self.world_size)[self.rank * span : (self.rank + 1) * span]
-        tokens = torch.from_numpy(chunk.astype(np.int64))
-        x, y = tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+    def _stage(self) -> torch.Tensor:
+        chunk = self.stream.take(self.span * self.world_size)[self.rank * self.span : (self.rank + 1) * self.span]
+        if not self.pinned:
+            return torch.from_numpy(chunk.astype(np.int64))
+        self.slot ^= 1
+        if self.copied[self.slot] is not None:
+            self.copied[self.slot].synchronize()
+        self.pinned[self.slot].numpy()[:] = chunk
+        tokens = self.pinned[self.slot].to(self.device, non_blocking=True)
+        self.copied[self.slot] = torch.cuda.Event()
+        self.copied[self.slot].record()
+        return tokens
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, self.staged = self.staged, self._stage()
+        return tokens[:-1].view(-1, self.seq_len), tokens[1:].view(-1, self.seq_len)
 
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, source: str) -> None:
@@ -321,7 +379,8 @@ def load_validation_tokens(files: list[str], seq_len: int, max_tokens: int) -> t
 # Model
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    """Parameter-free RMSNorm in the input's dtype (CUDA autocast computes rms_norm in fp32 since torch 2.12)."""
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
 def int6_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,26 +406,64 @@ class CastedLinear(nn.Linear):
         return F.linear(x, w.to(x.dtype))
 
 
-def rope_inv_freq(seq_len: int, head_dim: int, base: float, train_seq_len: int) -> torch.Tensor:
-    """ROPE_BASE holds at the training length; longer eval lengths get the NTK-scaled base."""
-    if seq_len > train_seq_len:
-        base = base * (seq_len / train_seq_len) ** (head_dim / (head_dim - 2))
-    return 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+def rope_inv_freq(seq_len: int, dims: int, base: float, train_seq_len: int) -> torch.Tensor:
+    """Frequencies of the `dims` rotated dimensions. ROPE_BASE holds at the training length; longer eval lengths
+    get the NTK-scaled base (with 2 dims the one frequency is 1 whatever the base)."""
+    if seq_len > train_seq_len and dims > 2:
+        base = base * (seq_len / train_seq_len) ** (dims / (dims - 2))
+    return 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first 2 * cos.size(-1) dims (halves paired); the rest pass through."""
+    dims = 2 * cos.size(-1)
+    if dims < x.size(-1):
+        return torch.cat((apply_rope(x[..., :dims], cos, sin), x[..., dims:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
+USE_FA3 = False  # decided once at start-up by choose_attention
+
+
+def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    y = flash_attn_func(q, k, v, causal=True)
+    return y[0] if isinstance(y, tuple) else y
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, T, H, D) queries against (B, T, Hkv, D) keys/values; FlashAttention-3 when imported on CUDA."""
-    if flash_attn_func is not None and q.is_cuda:
-        y = flash_attn_func(q, k, v, causal=True)
-        return y[0] if isinstance(y, tuple) else y
+    """(B, T, H, D) queries against (B, T, Hkv, D) keys/values."""
+    if USE_FA3:
+        return fa3_attention(q, k, v)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=True)
     return y.transpose(1, 2)
+
+
+def probe_fa3(device: torch.device, compile: bool) -> str | None:
+    """A tiny GQA forward + backward through FlashAttention-3, compiled when the model will be (some FA3 builds
+    cannot be traced): None if it works, else the first line of the error."""
+    try:
+        q = torch.randn(1, 128, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(1, 128, 1, 64, device=device, dtype=torch.bfloat16) for _ in range(2))
+        fn = torch.compile(fa3_attention, fullgraph=True, dynamic=False) if compile else fa3_attention
+        fn(q, k, v).float().sum().backward()
+        return None
+    except Exception as e:  # any failure means: do not use FA3
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def choose_attention(mode: str, rt: SimpleNamespace) -> tuple[bool, str]:
+    """(use FA3, why) for ATTENTION=auto|fa3|sdpa; a forced but unusable FA3 is an input error."""
+    if mode == "sdpa":
+        return False, "ATTENTION=sdpa"
+    reason = ("flash_attn_interface is not installed" if flash_attn_func is None else
+              "no CUDA device" if not rt.cuda else probe_fa3(rt.device, rt.compile))
+    if reason is None:
+        return True, "probe passed"
+    if mode == "fa3":
+        raise InputError(f"ATTENTION=fa3: FlashAttention-3 is unusable ({reason})")
+    return False, reason
 
 
 def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -402,19 +499,23 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, neg_slope: float):
         super().__init__()
         self.fc, self.proj = CastedLinear(dim, hidden), CastedLinear(hidden, dim, zero_init=True)
+        self.neg_slope = neg_slope
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
+        h = self.fc(x)
+        return self.proj((F.leaky_relu(h, self.neg_slope) if self.neg_slope else F.relu(h)).square())
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, hp: SimpleNamespace, xsa: bool):
+    def __init__(self, dim: int, hp: SimpleNamespace, layer: int):
         super().__init__()
-        self.attn = CausalSelfAttention(dim, hp.num_heads, hp.num_kv_heads, hp.qk_gain_init, xsa)
-        self.mlp = MLP(dim, int(hp.mlp_mult * dim))
+        self.attn = CausalSelfAttention(dim, hp.num_heads, hp.num_kv_heads, hp.qk_gain_init,
+                                        xsa=layer >= hp.num_layers - hp.xsa_last_n)
+        self.mlp = MLP(dim, int(hp.mlp_mult * dim), hp.mlp_neg_slope)
+        self.ln_scale = 1 / math.sqrt(layer + 1) if hp.ln_scale else 0.0
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
@@ -422,8 +523,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), cos, sin)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), cos, sin)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x) * self.ln_scale if self.ln_scale else rms_norm(x)
 
 
 def bigram_buckets(ids: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -464,13 +568,13 @@ class GPT(nn.Module):
         super().__init__()
         dim, layers = hp.model_dim, hp.num_layers
         self.softcap, self.mtp_loss_weight = hp.logit_softcap, hp.mtp_loss_weight
-        self.head_dim, self.rope_base, self.train_seq_len = dim // hp.num_heads, hp.rope_base, hp.train_seq_len
+        self.rope_dims, self.rope_base, self.train_seq_len = hp.rope_dims or dim // hp.num_heads, hp.rope_base, hp.train_seq_len
         self.tok_emb = nn.Embedding(hp.vocab_size, dim)
         self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, dim) if hp.bigram_vocab_size else None
         self.smear = SmearGate(dim)
         self.num_encoder = layers // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, layers - self.num_encoder), dim))
-        self.blocks = nn.ModuleList(Block(dim, hp, xsa=i >= layers - hp.xsa_last_n) for i in range(layers))
+        self.blocks = nn.ModuleList(Block(dim, hp, i) for i in range(layers))
         self.lm_head = None if hp.tie_embeddings else CastedLinear(dim, hp.vocab_size, zero_init=True)
         self.mtp_heads = nn.ModuleList(CastedLinear(dim, hp.vocab_size, zero_init=True) for _ in range(mtp_num_heads))
         self._init_weights(hp)
@@ -491,7 +595,7 @@ class GPT(nn.Module):
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
         t = ids.size(1)
         freqs = torch.outer(torch.arange(t, device=ids.device, dtype=torch.float32),
-                            rope_inv_freq(t, self.head_dim, self.rope_base, self.train_seq_len).to(ids.device))
+                            rope_inv_freq(t, self.rope_dims, self.rope_base, self.train_seq_len).to(ids.device))
         x = self.tok_emb(ids)
         cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
         if self.bigram is not None:
@@ -552,37 +656,120 @@ def sliding_windows(total: int, window: int, stride: int) -> list[tuple[int, int
     return windows
 
 
-def evaluate(logits_fn, val_tokens: torch.Tensor, luts, window: int, stride: int, batch_windows: int,
-             rank: int, world_size: int, device: torch.device) -> tuple[float, float, int, int]:
-    """Returns (val_loss nats/token, val_bpb, scored tokens, scored bytes), summed over all ranks."""
-    total = len(val_tokens) - 1
-    window = min(window, total)
-    windows = sliding_windows(total, window, stride)
-    mine = windows[len(windows) * rank // world_size : len(windows) * (rank + 1) // world_size]
-    val, luts = val_tokens.to(device, torch.int32), [t.to(device) for t in luts]  # int32: half the memory
-    positions = torch.arange(window + 1, device=device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
-    if mine:
-        mine += [(mine[-1][0], window)] * (-len(mine) % batch_windows)  # scores nothing; keeps shapes fixed
-        starts, first = (torch.tensor(column, device=device)[:, None] for column in zip(*mine))
-        for i in range(0, len(mine), batch_windows):
-            tokens = val[starts[i : i + batch_windows] + positions].long()
-            x, y = tokens[:, :-1], tokens[:, 1:]
-            with torch.inference_mode(), autocast(device):
-                logits = logits_fn(x)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-            scored = positions[:-1] >= first[i : i + batch_windows]
-            sums[0] += (nll.double() * scored).sum()
-            sums[1] += scored.sum()
-            sums[2] += (target_bytes(x, y, luts) * scored).sum()
+def rank_share(items: list, rank: int, world_size: int) -> list:
+    return items[len(items) * rank // world_size : len(items) * (rank + 1) // world_size]
+
+
+def score_windows(logits_fn, val: torch.Tensor, luts, windows: list[tuple[int, int]], window: int,
+                  batch_windows: int, sums: torch.Tensor) -> None:
+    """Adds the summed NLL, count and bytes of the targets these windows score to `sums` (float64, on the device).
+    Batches always hold batch_windows windows (padding windows score nothing), so every batch has one shape."""
+    if not windows:
+        return
+    windows = windows + [(windows[-1][0], window)] * (-len(windows) % batch_windows)
+    positions = torch.arange(window + 1, device=val.device)
+    starts, first = (torch.tensor(column, device=val.device)[:, None] for column in zip(*windows))
+    for i in range(0, len(windows), batch_windows):
+        tokens = val[starts[i : i + batch_windows] + positions].long()
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        with torch.inference_mode(), autocast(val.device):
+            logits = logits_fn(x)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        scored = positions[:-1] >= first[i : i + batch_windows]
+        sums[0] += (nll.double() * scored).sum()
+        sums[1] += scored.sum()
+        sums[2] += (target_bytes(x, y, luts) * scored).sum()
+
+
+def metrics(sums: torch.Tensor, world_size: int) -> tuple[float, float, int, int]:
+    """(val_loss nats/token, val_bpb, scored tokens, scored bytes), summed over all ranks."""
     if world_size > 1:
         dist.all_reduce(sums)
     loss, tokens, nbytes = sums.tolist()
     return loss / tokens, loss / tokens / math.log(2) * tokens / nbytes, int(tokens), int(nbytes)
 
 
+def on_device(val_tokens: torch.Tensor, luts, device: torch.device):
+    return val_tokens.to(device, torch.int32), [t.to(device) for t in luts]  # int32: half the memory
+
+
+def evaluate(logits_fn, val_tokens: torch.Tensor, luts, window: int, stride: int, batch_windows: int,
+             rank: int, world_size: int, device: torch.device) -> tuple[float, float, int, int]:
+    total = len(val_tokens) - 1
+    window = min(window, total)
+    val, luts = on_device(val_tokens, luts, device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
+    score_windows(logits_fn, val, luts, rank_share(sliding_windows(total, window, stride), rank, world_size),
+                  window, batch_windows, sums)
+    return metrics(sums, world_size)
+
+
 def autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def ttt_train_chunk(model: nn.Module, optimizer: torch.optim.Optimizer, val: torch.Tensor, starts: torch.Tensor,
+                    seq_len: int, num_seqs: int, epochs: int, world_size: int) -> None:
+    """`epochs` SGD steps on this rank's sequences val[s : s + seq_len + 1] of an already scored chunk; gradients
+    summed over ranks and divided by the chunk's sequence count, so any split over ranks takes the same step."""
+    tokens = val[starts[:, None] + torch.arange(seq_len + 1, device=val.device)].long()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(epochs):
+        if len(tokens):
+            with autocast(val.device):
+                loss = model(tokens[:, :-1], tokens[:, 1:]) * len(tokens) / num_seqs
+            loss.backward()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if world_size > 1:
+                dist.all_reduce(p.grad)
+        nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def ttt_evaluate(model: GPT, logits_fn, train_fn, val_tokens: torch.Tensor, luts, hp: SimpleNamespace,
+                 rt: SimpleNamespace, batch_windows: int, log) -> tuple[float, float, int, int]:
+    """Legal score-first test-time training over the sliding-window plan: the windows are grouped into chunks of
+    TTT_CHUNK_TOKENS targets by their first scored target; each chunk is scored under inference mode, then (but
+    for the last) its targets, all scored by now, train the model. No target is scored by weights that saw it."""
+    total = len(val_tokens) - 1
+    window, chunk = min(hp.eval_len, total), hp.ttt_chunk_tokens
+    chunks = [[] for _ in range((total + chunk - 1) // chunk)]
+    for start, first in sliding_windows(total, window, hp.eval_stride if 0 < hp.eval_stride < window else window):
+        chunks[(start + first) // chunk].append((start, first))
+    val, luts = on_device(val_tokens, luts, rt.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    for i, block in enumerate(model.blocks):
+        block.requires_grad_(i >= hp.ttt_freeze_blocks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+    log(f"ttt:start chunks:{len(chunks)} chunk_tokens:{chunk} epochs:{hp.ttt_epochs} lr:{hp.ttt_lr} "
+        f"trainable_params:{sum(p.numel() for p in params)} frozen_blocks:{hp.ttt_freeze_blocks}")
+    train_s, trained, stopped = 0.0, 0, None
+    for c, windows in enumerate(chunks):
+        model.eval()
+        score_windows(logits_fn, val, luts, rank_share(windows, rt.rank, rt.world_size), window, batch_windows, sums)
+        if c == len(chunks) - 1 or stopped is not None:
+            continue
+        if hp.ttt_max_seconds > 0 and trained and train_s * (trained + 1) / trained > hp.ttt_max_seconds:
+            stopped = c
+            log(f"ttt:updates_stopped at_chunk:{c} reason:TTT_MAX_SECONDS={hp.ttt_max_seconds:g} (chunks {c + 1}.."
+                f"{len(chunks) - 1} are scored by the weights adapted on chunks 0..{c - 1})")
+            continue
+        sync(rt)
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))
+        seqs = torch.arange(c * chunk, (c + 1) * chunk, hp.train_seq_len, device=rt.device)
+        model.train()
+        train_fn(model, optimizer, val, rank_share(seqs, rt.rank, rt.world_size), hp.train_seq_len, len(seqs),
+                 hp.ttt_epochs, rt.world_size)
+        sync(rt)
+        train_s += time.perf_counter() - t0
+        trained += 1
+    return metrics(sums, rt.world_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -604,9 +791,65 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.clamp(torch.round(w.clamp(-clip, clip) / scale.float()), -127, 127), scale
 
 
-def quantize_state_dict(state: dict[str, torch.Tensor], control_patterns: tuple[str, ...]):
-    """Returns ({stored tensors}, {name: route}, {route: (rows, rows whose scale hit the floor)})."""
-    tensors, meta, stats = {}, {}, {}
+CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # of |w| per row, the GPTQ-lite candidates
+
+
+def clipsearch_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int6 grid [-31, 31]; each row's clip is the candidate quantile of |w| with the least squared
+    reconstruction error of that row (per row, hence also the least error of the whole matrix)."""
+    best = None
+    for p in CLIP_QUANTILES:
+        clip = w.abs().amax(-1, keepdim=True) if p == 1.0 else torch.quantile(w.abs(), p, dim=-1, keepdim=True)
+        scale = (clip / 31).clamp_min(1 / 31).half()
+        q = torch.clamp(torch.round(w / scale.float()), -31, 31)
+        err = (w - q * scale.float()).square().sum(-1, keepdim=True)
+        if best is None:
+            best = [q, scale, err]
+        else:
+            take = err < best[2]
+            best = [torch.where(take, q, best[0]), torch.where(take, scale, best[1]), torch.minimum(err, best[2])]
+    return best[0], best[1]
+
+
+def gptq_rows(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor | None:
+    """GPTQ on the int6 grid [-31, 31] with fixed per-row scales: columns in order of decreasing H_jj, each
+    column's rounding error spread over the columns not yet quantised through the upper Cholesky factor of H^-1,
+    which minimises the output error tr((W - Q) H (W - Q)^T) one column at a time. None if H is not positive
+    definite after damping."""
+    w, h, s = w.float().clone(), h.float().clone(), scale.float()
+    dead = h.diagonal() == 0  # inputs never active in calibration: their weights cannot change the output
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h.diagonal().add_(0.01 * h.diagonal().mean())
+    order = torch.argsort(h.diagonal(), descending=True, stable=True)
+    w, h = w[:, order], h[order][:, order]
+    chol, info = torch.linalg.cholesky_ex(h)
+    if info == 0:
+        u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+    if info != 0 or not torch.isfinite(u).all():
+        return None
+    q = torch.empty_like(w)
+    for b0 in range(0, w.size(1), block):
+        b1 = min(b0 + block, w.size(1))
+        wb, err = w[:, b0:b1].clone(), torch.empty_like(w[:, b0:b1])
+        for j in range(b1 - b0):
+            q[:, b0 + j] = torch.clamp(torch.round(wb[:, j : j + 1] / s), -31, 31).squeeze(1)
+            err[:, j] = (wb[:, j] - q[:, b0 + j] * s.squeeze(1)) / u[b0 + j, b0 + j]
+            wb[:, j + 1 :] -= err[:, j : j + 1] * u[b0 + j, b0 + j + 1 : b1]
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return q[:, torch.argsort(order)]
+
+
+def hessian_key(name: str) -> str:
+    """q, k and v read the same input: their Hessians are one."""
+    return name.replace(".attn.c_k.", ".attn.c_q.").replace(".attn.c_v.", ".attn.c_q.")
+
+
+def quantize_state_dict(state: dict[str, torch.Tensor], control_patterns: tuple[str, ...], method: str = "rowmax",
+                        hessians: dict[str, torch.Tensor] | None = None):
+    """Returns ({stored tensors}, {name: route}, {route: [rows, floored rows, clipped values, values, squared
+    error]}, [int6 matrices where GPTQ fell back to clipsearch])."""
+    tensors, meta, stats, fallbacks = {}, {}, {}, []
     for name, t in state.items():
         route = meta[name] = quant_route(name, t, control_patterns)
         if route == "passthrough":
@@ -614,12 +857,28 @@ def quantize_state_dict(state: dict[str, torch.Tensor], control_patterns: tuple[
         elif route == "passthrough_ctrl":
             tensors[name] = t.float()
         else:
-            bits = 6 if route == "int6" else 8
-            q, scale = (int6_rows if bits == 6 else int8_rows)(t.float())
+            w = t.float()
+            if route == "int8":
+                q, scale = int8_rows(w)
+            elif method == "rowmax":
+                q, scale = int6_rows(w)
+            else:
+                q, scale = clipsearch_rows(w)
+                if method == "gptq":
+                    g = gptq_rows(w, hessians[hessian_key(name)], scale)
+                    if g is None:
+                        fallbacks.append(name)
+                    else:
+                        q = g
             tensors[name + ".q"], tensors[name + ".scale"] = q.to(torch.int8).contiguous(), scale
-            rows, floor = stats.get(route, (0, 0))
-            stats[route] = (rows + scale.numel(), floor + int((scale == torch.tensor(1 / (2 ** (bits - 1) - 1)).half()).sum()))
-    return tensors, meta, stats
+            top = 127 if route == "int8" else 31
+            s = stats.setdefault(route, [0, 0, 0, 0, 0.0])
+            s[0] += scale.numel()
+            s[1] += int((scale == torch.tensor(1 / top).half()).sum())
+            s[2] += int((w.abs() > (top + 0.5) * scale.float()).sum())
+            s[3] += w.numel()
+            s[4] += float((w - q * scale.float()).square().sum())
+    return tensors, meta, stats, fallbacks
 
 
 def dequantize_state_dict(tensors: dict, meta: dict, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -649,11 +908,10 @@ def compressor():
     return zstandard
 
 
-def pack_artifact(state: dict[str, torch.Tensor], control_patterns: tuple[str, ...]) -> tuple[bytes, dict]:
-    tensors, meta, stats = quantize_state_dict(state, control_patterns)
+def pack_artifact(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
     buf = io.BytesIO()
-    torch.save({"w": tensors, "m": meta}, buf)
-    return compressor().ZstdCompressor(level=22).compress(buf.getvalue()), stats
+    torch.save({"w": {k: v.cpu() for k, v in tensors.items()}, "m": meta}, buf)
+    return compressor().ZstdCompressor(level=22).compress(buf.getvalue())
 
 
 def unpack_artifact(blob: bytes, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -664,14 +922,22 @@ def unpack_artifact(blob: bytes, reference: dict[str, torch.Tensor]) -> dict[str
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 
+def train_cap_ms(hp: SimpleNamespace) -> float:
+    """Wall-clock budget of the training loop: the cap less the GPTQ calibration reserve (0 = no cap)."""
+    if hp.max_wallclock_seconds <= 0:
+        return 0.0
+    return 1000 * (hp.max_wallclock_seconds - (hp.gptq_reserve_seconds if hp.quant_method == "gptq" else 0.0))
+
+
 def lr_multiplier(step: int, elapsed_ms: float, hp: SimpleNamespace) -> float:
     """Flat, then linear decay to 0 over the last WARMDOWN_ITERS steps, measured in wall-clock time when capped."""
     if hp.warmdown_iters <= 0:
         return 1.0
-    if hp.max_wallclock_seconds <= 0:
+    cap_ms = train_cap_ms(hp)
+    if cap_ms <= 0:
         return min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
     warmdown_ms = hp.warmdown_iters * elapsed_ms / max(step, 1)
-    remaining_ms = max(1000 * hp.max_wallclock_seconds - elapsed_ms, 0.0)
+    remaining_ms = max(cap_ms - elapsed_ms, 0.0)
     return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
 
 
@@ -699,6 +965,91 @@ def build_optimizers(model: GPT, hp: SimpleNamespace, orthogonalize, fused: bool
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
     return optimizers
+
+
+class WeightAverage:
+    """fp32 average of every state-dict tensor, in accumulators of its own on the model's device (never views of
+    the weights it averages): uniform over the snapshots taken (SWA), or exponential from the weights it starts
+    with (EMA: ema <- d * ema + (1 - d) * w after every step)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.0):
+        self.decay, self.count, self.live = decay, 0, model.state_dict()
+        self.acc = {k: v.float().clone() if decay else torch.zeros(v.shape, device=v.device)
+                    for k, v in self.live.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        acc, live = list(self.acc.values()), [v.float() for v in self.live.values()]
+        if self.decay:
+            torch._foreach_mul_(acc, self.decay)
+            torch._foreach_add_(acc, live, alpha=1 - self.decay)
+        else:
+            torch._foreach_add_(acc, live)
+        self.count += 1
+
+    def averaged(self) -> dict[str, torch.Tensor]:
+        return {k: (a if self.decay else a / self.count).to(self.live[k].dtype) for k, a in self.acc.items()}
+
+
+class CapVote:
+    """Has any rank's clock passed the cap? Agreed by an all-reduce MAX, so every rank stops after the same step.
+    On CUDA the answer is read one step late through pinned memory: the host never waits for the step it has
+    just queued, and training stops at most one step (the one in flight) after the cap."""
+
+    def __init__(self, rt: SimpleNamespace):
+        self.rt, self.pending, self.slot = rt, None, 0
+        self.host = [torch.zeros((), pin_memory=True) for _ in range(2)] if rt.cuda else []
+
+    def __call__(self, reached: bool) -> bool:
+        flag = torch.full((), float(reached), device=self.rt.device)
+        if self.rt.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not self.rt.cuda:
+            return bool(flag.item())
+        self.slot ^= 1
+        self.host[self.slot].copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        previous, self.pending = self.pending, (self.host[self.slot], event)
+        if previous is None:
+            return False
+        previous[1].synchronize()
+        return bool(previous[0].item())
+
+
+def collect_hessians(model: GPT, names: list[str], train_files: list[str], hp: SimpleNamespace,
+                     rt: SimpleNamespace) -> dict[str, torch.Tensor]:
+    """H = sum of x x^T over the inputs x of each named matrix (q, k, v share one), from GPTQ_CALIB_SEQS sequences
+    at the start of the training stream, split across ranks and summed over them."""
+    keys = sorted({hessian_key(n) for n in names})
+    hessians = {}
+
+    def accumulate(key: str):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().flatten(0, -2).float()
+            with torch.autocast(x.device.type, enabled=False):
+                if key not in hessians:
+                    hessians[key] = torch.zeros(x.size(1), x.size(1), device=x.device)
+                hessians[key].addmm_(x.T, x)
+        return hook
+
+    handles = [m.register_forward_hook(accumulate(n + ".weight")) for n, m in model.named_modules()
+               if n + ".weight" in keys]
+    seqs = TokenStream(train_files).take(hp.gptq_calib_seqs * hp.train_seq_len).reshape(-1, hp.train_seq_len)
+    mine = rank_share(seqs, rt.rank, rt.world_size)
+    model.eval()
+    with torch.no_grad(), autocast(rt.device):
+        for i in range(0, len(mine), 8):
+            model.forward_logits(torch.from_numpy(mine[i : i + 8].astype(np.int64)).to(rt.device))
+    for handle in handles:
+        handle.remove()
+    for key in keys:
+        if key not in hessians:  # a rank without calibration sequences still takes part in the sum
+            n = model.get_parameter(key).size(1)
+            hessians[key] = torch.zeros(n, n, device=rt.device)
+        if rt.distributed:
+            dist.all_reduce(hessians[key])
+    return hessians
 
 
 class Logger:
@@ -734,8 +1085,11 @@ def runtime(hp: SimpleNamespace) -> SimpleNamespace:
     grad_accum = 8 // world_size if 8 % world_size == 0 else 1
     local_tokens = hp.train_batch_tokens // (world_size * grad_accum)
     if local_tokens * world_size * grad_accum != hp.train_batch_tokens or local_tokens % hp.train_seq_len:
+        unit = world_size * grad_accum * hp.train_seq_len
+        nearest = [n for n in (hp.train_batch_tokens // unit * unit, (hp.train_batch_tokens // unit + 1) * unit) if n]
         raise InputError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must split into {world_size} ranks x "
-                         f"{grad_accum} micro-steps of whole TRAIN_SEQ_LEN={hp.train_seq_len} sequences")
+                         f"{grad_accum} micro-steps of whole TRAIN_SEQ_LEN={hp.train_seq_len} sequences "
+                         f"(nearest valid: {' or '.join(map(str, nearest))})")
     cuda = torch.cuda.is_available()
     return SimpleNamespace(
         distributed=distributed, rank=int(os.environ["RANK"]) if distributed else 0, world_size=world_size,
@@ -754,7 +1108,33 @@ def sync(rt: SimpleNamespace) -> None:
         torch.cuda.synchronize()
 
 
+def misspelt(env) -> list[str]:
+    """A warning for every env var that is not a hyperparameter but is close to one."""
+    warnings = []
+    for name in sorted(env):
+        close = [] if name in HPARAM_NAMES else difflib.get_close_matches(name, HPARAM_NAMES, n=1, cutoff=0.88)
+        if close:
+            warnings.append(f"warning: {name} is not a hyperparameter; did you mean {close[0]}?")
+    return warnings
+
+
+def read_artifact(path: str, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise InputError(f"EVAL_ONLY={path}: no such artifact file")
+    try:
+        return unpack_artifact(Path(path).read_bytes(), reference)
+    except InputError:
+        raise
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise InputError(f"EVAL_ONLY={path}: not a valid int6+zstd artifact ({type(e).__name__}: {reason})") from None
+
+
 def main() -> int:
+    warnings = misspelt(os.environ)
+    if int(os.environ.get("RANK", 0)) == 0:
+        for line in warnings:
+            print(line, file=sys.stderr, flush=True)
     hp = read_hyperparameters(os.environ)
     rt = runtime(hp)
     compressor()
@@ -763,9 +1143,9 @@ def main() -> int:
     val_files = resolve_files(hp.val_glob, "VAL_FILES")
     val_tokens = load_validation_tokens(val_files, max(hp.train_seq_len, hp.eval_len), hp.val_max_tokens)
     check_token_ids(val_tokens.numpy(), hp.vocab_size, f"VAL_FILES={hp.val_glob}")
+    train_files, artifact_state = [], None
     if hp.eval_only:
-        if not os.path.isfile(hp.eval_only):
-            raise InputError(f"EVAL_ONLY={hp.eval_only}: no such artifact file")
+        artifact_state = read_artifact(hp.eval_only, build_model(hp, torch.device("cpu")).state_dict())
     else:
         train_files = resolve_files(hp.train_glob, "TRAIN_FILES")
         if sum(read_shard_header(f) for f in train_files) == 0:
@@ -782,17 +1162,24 @@ def main() -> int:
     if rt.distributed:
         dist.init_process_group("nccl" if rt.cuda else "gloo", device_id=rt.device if rt.cuda else None)
         dist.barrier()
+    global USE_FA3
+    USE_FA3, why = choose_attention(hp.attention, rt)
     code = Path(__file__).read_bytes()
     log = Logger(hp.run_id, rt.rank == 0, code)
+    for line in warnings:
+        log.write(line)
     for name in HPARAM_NAMES:
         log(f"hparam {name}={getattr(hp, name.lower())}")
+    if hp.warmdown_iters > hp.iterations and hp.max_wallclock_seconds <= 0 and not hp.eval_only:
+        log(f"warning: WARMDOWN_ITERS={hp.warmdown_iters} > ITERATIONS={hp.iterations}: the learning rate starts "
+            f"at {lr_multiplier(0, 0.0, hp):.3f} of its value and only decays")
     if hp.val_max_tokens:
         log(f"val_subset:VAL_MAX_TOKENS={hp.val_max_tokens} scores below are subset scores, not submission scores")
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
     log(f"val_loader:shards pattern={hp.val_glob} tokens:{len(val_tokens) - 1}")
     log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum}")
-    log(f"attention_backend:{'fa3' if flash_attn_func is not None and rt.cuda else 'sdpa'} compile:{int(rt.compile)} "
-        f"device:{rt.device.type}")
+    log(f"attention_backend:{'fa3' if USE_FA3 else 'sdpa'} compile:{int(rt.compile)} device:{rt.device.type} "
+        f"reason:{why}")
     log(f"attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads}")
     log(f"XSA:last_{hp.xsa_last_n} active_layers:{list(range(hp.num_layers - hp.xsa_last_n, hp.num_layers))}")
     log(f"seed:{hp.seed}")
@@ -801,78 +1188,181 @@ def main() -> int:
     torch.manual_seed(hp.seed)
     CastedLinear.qat = hp.qat_enabled  # fixed for the whole run, so torch.compile may fold it
 
-    def run_eval(logits_fn, window: int, stride: int):
-        batch = max(1, hp.val_batch_size // (rt.world_size * rt.grad_accum) // window)
-        return evaluate(logits_fn, val_tokens, luts, window, stride, batch, rt.rank, rt.world_size, rt.device)
+    progress = SimpleNamespace(step=0, train_ms=0.0, artifact=None)
+    signal.signal(signal.SIGTERM, interrupt)  # torchrun's way to stop workers after a Ctrl-C
+    try:
+        code_status = run(hp, rt, log, code, val_tokens, luts, train_files, artifact_state, progress)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        Path(ARTIFACT_PATH + ".tmp").unlink(missing_ok=True)
+        if rt.rank == 0:
+            message = (f"interrupted during evaluation: the artifact {progress.artifact} is complete" if progress.artifact
+                       else f"interrupted at step {progress.step} (train_time {progress.train_ms:.0f} ms): no artifact written")
+            log(message)
+            print(message, file=sys.stderr, flush=True)
+        return 130
+    if rt.distributed:
+        dist.destroy_process_group()
+    return code_status
 
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, val_tokens: torch.Tensor, luts,
+        train_files: list[str], artifact_state: dict | None, progress: SimpleNamespace) -> int:
+    """Train, calibrate, export, evaluate, summarise; returns the exit status (1 = over the size or a budget)."""
+
+    def run_eval(logits_fn, window: int, stride: int):
+        return evaluate(logits_fn, val_tokens, luts, window, stride, batch_windows(window), rt.rank, rt.world_size,
+                        rt.device)
+
+    def batch_windows(window: int) -> int:
+        return max(1, hp.val_batch_size // (rt.world_size * rt.grad_accum) // window)
+
+    subset = " subset" if hp.val_max_tokens else ""
+    bpb, eval_ms, failed = {}, {}, []
+    train_ms = calib_ms = 0.0
     post_start = time.perf_counter()
     if hp.eval_only:
         log(f"eval_only:{hp.eval_only}")
         artifact = hp.eval_only
     else:
         artifact = ARTIFACT_PATH
-        final_state = train(hp, rt, log, run_eval, train_files)
-        post_start = time.perf_counter()
-        blob, stats = pack_artifact(final_state, hp.control_patterns)
-        for route, (rows, floor) in sorted(stats.items()):
-            log(f"quant:{route} rows:{rows} scale_floor_rows:{floor}")
+        if rt.rank == 0 and os.path.exists(artifact):
+            os.remove(artifact)
+            log(f"artifact:removed the {artifact} of an earlier run")
+        model, trained = train(hp, rt, log, run_eval, train_files, progress)
+        train_ms, bpb["pre_quant"] = trained.train_ms, trained.val_bpb
+        state = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith("mtp_heads.")}
+        gptq = hp.quant_method == "gptq"
+        post_start = time.perf_counter()  # GPTQ calibration reads training data: training budget, not export
+        hessians = collect_hessians(model, [k for k, v in state.items() if quant_route(k, v, hp.control_patterns)
+                                            == "int6"], train_files, hp, rt) if gptq else None
         if rt.rank == 0:
+            tensors, meta, stats, fallbacks = quantize_state_dict(state, hp.control_patterns, hp.quant_method, hessians)
+        if gptq:
+            sync(rt)
+            calib_ms = 1000 * (time.perf_counter() - post_start)
+            limit_ms = 1000 * hp.max_wallclock_seconds
+            log(f"gptq:budget train_ms:{train_ms:.0f} calib_ms:{calib_ms:.0f} total_ms:{train_ms + calib_ms:.0f} "
+                f"limit_ms:{limit_ms:.0f}")
+            if limit_ms and train_ms + calib_ms > limit_ms:
+                log(f"budget:exceeded training total_ms:{train_ms + calib_ms:.0f} limit_ms:{limit_ms:.0f} "
+                    "(raise GPTQ_RESERVE_SECONDS)")
+                failed.append("training")
+            post_start = time.perf_counter()
+        if trained.averaged:
+            sync(rt)
+            t0 = time.perf_counter()
+            loss, bpb["averaged"], _, _ = run_eval(trained.val_logits, hp.train_seq_len, hp.train_seq_len)
+            sync(rt)
+            eval_ms["averaged"] = 1000 * (time.perf_counter() - t0)
+            log(f"averaged val_loss:{loss:.4f} val_bpb:{bpb['averaged']:.4f} eval_time:{eval_ms['averaged']:.0f}ms "
+                "(the weights to export, before quantisation)")
+        if rt.rank == 0:
+            for name in fallbacks:
+                log(f"gptq:fallback {name} reason:Hessian not positive definite, used clipsearch")
+            for route, (rows, floor, clipped, n, sq) in sorted(stats.items()):
+                method = hp.quant_method if route == "int6" else "rowclip"
+                log(f"quant:{route} method:{method} rows:{rows} scale_floor_rows:{floor} clipped:{clipped / n:.6f} "
+                    f"weight_mse:{sq / n:.4e}")
             tmp = Path(artifact + ".tmp")
-            tmp.write_bytes(blob)
+            tmp.write_bytes(pack_artifact(tensors, meta))
             tmp.replace(artifact)
         if rt.distributed:
             dist.barrier()
-        log(f"export_time:{1000 * (time.perf_counter() - post_start):.0f}ms")
+        progress.artifact = artifact
+        eval_ms["export"] = 1000 * (time.perf_counter() - post_start) - eval_ms.get("averaged", 0.0)
+        log(f"export_time:{eval_ms['export']:.0f}ms")
 
-    model_bytes = os.path.getsize(artifact)
-    total_bytes = model_bytes + len(code)
-    log(f"Serialized model int6+zstd: {model_bytes} bytes")
+    blob = Path(artifact).read_bytes()
+    total_bytes = len(blob) + len(code)
+    log(f"Serialized model int6+zstd: {len(blob)} bytes")
     log(f"Code size: {len(code)} bytes")
     log(f"Total submission size int6+zstd: {total_bytes} bytes")
+    log(f"artifact:{artifact} bytes:{len(blob)} sha256:{hashlib.sha256(blob).hexdigest()}")
     if total_bytes > SIZE_LIMIT_BYTES:
         log(f"size_limit:exceeded total:{total_bytes} limit:{SIZE_LIMIT_BYTES} over_by:{total_bytes - SIZE_LIMIT_BYTES}")
+        failed.append("size")
 
     eval_model = build_model(hp, rt.device)
-    eval_model.load_state_dict(unpack_artifact(Path(artifact).read_bytes(), eval_model.state_dict()), strict=True)
+    eval_model.load_state_dict(artifact_state or unpack_artifact(blob, eval_model.state_dict()), strict=True)
     eval_model.eval()
     logits_fn = maybe_compile(eval_model.forward_logits, rt)
-    finals = [("final_int6_roundtrip", hp.eval_len)]
+    finals = [("roundtrip", "final_int6_roundtrip", hp.eval_len)]
     if 0 < hp.eval_stride < hp.eval_len:
-        finals.append(("final_int6_sliding_window", hp.eval_stride))
-    for label, stride in finals:
+        finals.append(("sliding", "final_int6_sliding_window", hp.eval_stride))
+    if hp.ttt_enabled:
+        finals.append(("ttt", "final_int6_ttt", finals[-1][2]))
+    for key, label, stride in finals:
         sync(rt)
         t0 = time.perf_counter()
-        loss, bpb, tokens, nbytes = run_eval(logits_fn, hp.eval_len, stride)
+        if key == "ttt":
+            loss, bpb[key], tokens, nbytes = ttt_evaluate(maybe_compile(eval_model, rt), logits_fn, ttt_train_chunk,
+                                                          val_tokens, luts, hp, rt, batch_windows(hp.eval_len), log)
+        else:
+            loss, bpb[key], tokens, nbytes = run_eval(logits_fn, hp.eval_len, stride)
         sync(rt)
-        extra = f" stride:{stride}" if stride < hp.eval_len else ""
-        log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{extra} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
-        log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} tokens:{tokens} bytes:{nbytes}")
-    log(f"post_training_time:{1000 * (time.perf_counter() - post_start):.0f}ms")
-    if rt.distributed:
-        dist.destroy_process_group()
-    return 1 if total_bytes > SIZE_LIMIT_BYTES else 0
+        eval_ms[key] = 1000 * (time.perf_counter() - t0)
+        extra = (f" stride:{stride}" if stride < hp.eval_len else "") + (
+            f" chunk_tokens:{hp.ttt_chunk_tokens}" if key == "ttt" else "")
+        log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb[key]:.4f}{extra} eval_time:{eval_ms[key]:.0f}ms{subset}")
+        log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb[key]:.8f} tokens:{tokens} bytes:{nbytes}{subset}")
+    if hp.ttt_enabled:
+        log(f"ttt_time:{eval_ms['ttt']:.0f}ms")
+    post_ms = 1000 * (time.perf_counter() - post_start)
+    log(f"post_training_time:{post_ms:.0f}ms")
+
+    def verdict(ok: bool) -> str:
+        return "ok" if ok else "exceeded"
+
+    if not hp.eval_only:
+        log(f"summary: steps:{progress.step} train_time:{train_ms:.0f}ms stop:{trained.stop}")
+    log("summary: val_bpb " + " ".join(f"{k}:{v:.4f}" for k, v in bpb.items() if v is not None) + subset)
+    log(f"summary: bytes model:{len(blob)} code:{len(code)} total:{total_bytes} limit:{SIZE_LIMIT_BYTES} "
+        f"{verdict('size' not in failed)}")
+    if not hp.eval_only and hp.max_wallclock_seconds > 0:
+        log(f"summary: budget training:{train_ms + calib_ms:.0f}ms = train {train_ms:.0f} + calibration {calib_ms:.0f}, "
+            f"limit:{1000 * hp.max_wallclock_seconds:.0f}ms {verdict('training' not in failed)}")
+    on_8_gpus = rt.cuda and rt.world_size == 8
+    if on_8_gpus and post_ms > EVAL_LIMIT_MS:
+        log(f"budget:exceeded evaluation total_ms:{post_ms:.0f} limit_ms:{EVAL_LIMIT_MS:.0f}")
+        failed.append("evaluation")
+    parts = " + ".join(f"{k} {v:.0f}" for k, v in eval_ms.items())
+    log(f"summary: budget evaluation:{post_ms:.0f}ms = {parts}, limit:{EVAL_LIMIT_MS:.0f}ms on 8 GPUs "
+        + (verdict("evaluation" not in failed) if on_8_gpus else f"unchecked (this run: {rt.world_size}x {rt.device.type})"))
+    return 1 if failed else 0
 
 
-def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, run_eval, train_files: list[str]) -> dict:
-    """The timed training loop; returns the (SWA-averaged) state dict to export."""
+def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, run_eval, train_files: list[str],
+          progress: SimpleNamespace) -> tuple[GPT, SimpleNamespace]:
+    """The timed training loop. Returns the model holding the weights to export (the SWA/EMA average when one
+    applies) and a record of the run (train_ms, last val_bpb, why it stopped, the compiled logits function)."""
     base_model = build_model(hp, rt.device, hp.mtp_num_heads)
     log(f"model_params:{sum(p.numel() for p in base_model.parameters() if p.requires_grad)}")
     log(f"mtp_num_heads:{hp.mtp_num_heads} mtp_loss_weight:{hp.mtp_loss_weight} "
         f"mtp_params:{sum(p.numel() for p in base_model.mtp_heads.parameters())}")
     log(f"train_loader:dataset:{Path(train_files[0]).parent.name} train_shards:{len(train_files)}")
     compiled = maybe_compile(base_model, rt)
-    model = DDP(compiled, device_ids=[rt.device.index] if rt.cuda else None) if rt.distributed else compiled
-    orthogonalize = torch.compile(newton_schulz) if rt.compile else newton_schulz
+    model = DDP(compiled, device_ids=[rt.device.index] if rt.cuda else None,
+                gradient_as_bucket_view=True) if rt.distributed else compiled
+    orthogonalize = torch.compile(newton_schulz, dynamic=False) if rt.compile else newton_schulz
     optimizers = build_optimizers(base_model, hp, orthogonalize, fused=rt.cuda)
     log(f"tie_embeddings:{hp.tie_embeddings} embed_lr:{optimizers[1].param_groups[0]['lr']} "
         f"head_lr:{hp.head_lr if not hp.tie_embeddings else 0.0} matrix_lr:{hp.matrix_lr} scalar_lr:{hp.scalar_lr}")
     log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} iterations:{hp.iterations} "
         f"warmup_steps:{hp.warmup_steps} max_wallclock_seconds:{hp.max_wallclock_seconds:.3f}")
 
+    def new_loader() -> DistributedTokenLoader:
+        return DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device, rt.local_tokens, hp.train_seq_len)
+
     def train_step(loader: DistributedTokenLoader, step: int, lr_scale: float) -> torch.Tensor:
         total = torch.zeros((), device=rt.device)
         for micro in range(rt.grad_accum):
-            x, y = loader.next_batch(rt.local_tokens, hp.train_seq_len)
+            x, y = loader.next_batch()
             if rt.distributed:
                 model.require_backward_grad_sync = micro == rt.grad_accum - 1
             with autocast(rt.device):
@@ -893,23 +1383,30 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, run_eval, train
     if hp.warmup_steps:  # compile priming on real batches, then every state is put back exactly
         model_state = copy.deepcopy(base_model.state_dict())
         opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
+        loader = new_loader()
         warmup_start = time.perf_counter()
         for i in range(hp.warmup_steps):
             train_step(loader, 0, 1.0)
             if hp.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == hp.warmup_steps:
                 log(f"warmup_step:{i + 1}/{hp.warmup_steps}")
         sync(rt)
-        log(f"warmup_time:{1000 * (time.perf_counter() - warmup_start):.0f}ms (includes compilation)")
+        log(f"warmup_time:{1000 * (time.perf_counter() - warmup_start):.0f}ms"
+            + (" (includes compilation)" if rt.compile else ""))
         base_model.load_state_dict(model_state)
         for opt, state in zip(optimizers, opt_states):
             opt.load_state_dict(state)
-    loader = DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device)
+    loader = new_loader()
 
     val_logits = maybe_compile(base_model.forward_logits, rt)
-    swa_sum, swa_count = None, 0
-    train_ms, stop_after, step = 0.0, None, 0
-    cap_ms = 1000 * hp.max_wallclock_seconds
+    average = WeightAverage(base_model, hp.ema_decay) if hp.ema_decay or hp.swa_enabled else None
+    if hp.ema_decay and hp.swa_enabled:
+        log("swa:off reason:EMA_DECAY")
+    cap_ms, vote = train_cap_ms(hp), CapVote(rt)
+    train_ms, stop_after, step, val_bpb = 0.0, None, 0, None
+
+    def progress_fields(scale: float, elapsed_ms: float) -> str:
+        return f" lr_mul:{scale:.4f}" + (f" time_left:{max(cap_ms - elapsed_ms, 0) / 1000:.1f}s" if cap_ms else "")
+
     sync(rt)
     t0 = time.perf_counter()
     while True:
@@ -918,10 +1415,10 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, run_eval, train
             sync(rt)
             train_ms += 1000 * (time.perf_counter() - t0)
             base_model.eval()
-            loss, bpb, _, _ = run_eval(val_logits, hp.train_seq_len, hp.train_seq_len)
+            loss, val_bpb, _, _ = run_eval(val_logits, hp.train_seq_len, hp.train_seq_len)
             base_model.train()
-            log(f"step:{step}/{hp.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{train_ms:.0f}ms "
-                f"step_avg:{train_ms / max(step, 1):.2f}ms")
+            log(f"step:{step}/{hp.iterations} val_loss:{loss:.4f} val_bpb:{val_bpb:.4f} train_time:{train_ms:.0f}ms "
+                f"step_avg:{train_ms / max(step, 1):.2f}ms" + progress_fields(lr_multiplier(step, train_ms, hp), train_ms))
             sync(rt)
             t0 = time.perf_counter()
         if last:
@@ -932,32 +1429,27 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, run_eval, train
         train_loss = train_step(loader, step, scale)
         step += 1
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        if hp.swa_enabled and scale < 0.5 and step % hp.swa_every == 0:
-            snapshot = {k: v.detach().float().cpu() for k, v in base_model.state_dict().items()}
-            if swa_sum is None:
-                swa_sum = snapshot
+        progress.step, progress.train_ms = step, elapsed_ms
+        if hp.ema_decay or (average is not None and scale < 0.5 and step % hp.swa_every == 0):
+            average.update()
+            if not hp.ema_decay and average.count == 1:
                 log(f"swa:start step:{step}")
-            else:
-                for k, v in snapshot.items():
-                    swa_sum[k] += v
-            swa_count += 1
         if step <= 10 or step % hp.train_log_every == 0:
             log(f"step:{step}/{hp.iterations} train_loss:{train_loss.item():.4f} train_time:{elapsed_ms:.0f}ms "
-                f"step_avg:{elapsed_ms / step:.2f}ms")
-        reached = torch.tensor(float(cap_ms > 0 and elapsed_ms >= cap_ms), device=rt.device)
-        if rt.distributed:
-            dist.all_reduce(reached, op=dist.ReduceOp.MAX)
-        if stop_after is None and reached.item():
+                f"step_avg:{elapsed_ms / step:.2f}ms" + progress_fields(scale, elapsed_ms))
+        if vote(cap_ms > 0 and elapsed_ms >= cap_ms) and stop_after is None:
             stop_after = step
 
     if rt.cuda:
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    state = {k: v.detach().cpu() for k, v in base_model.state_dict().items() if not k.startswith("mtp_heads.")}
-    if swa_count > 1:
-        log(f"swa:applying averaged {swa_count} checkpoints")
-        state = {k: (swa_sum[k] / swa_count).to(v.dtype) for k, v in state.items()}
-    return state
+    averaged = bool(hp.ema_decay) or (average is not None and average.count > 1)
+    if averaged:
+        log(f"ema:applying decay:{hp.ema_decay}" if hp.ema_decay else f"swa:applying averaged {average.count} checkpoints")
+        base_model.load_state_dict(average.averaged())
+    stop = "wallclock_cap" if stop_after is not None and step < hp.iterations else "iterations"
+    return base_model, SimpleNamespace(train_ms=train_ms, val_bpb=val_bpb, stop=stop, averaged=averaged,
+                                       val_logits=val_logits)
 
 
 if __name__ == "__main__":
@@ -967,3 +1459,6 @@ if __name__ == "__main__":
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted before training started: nothing written", file=sys.stderr, flush=True)
+        sys.exit(130)

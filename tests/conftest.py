@@ -54,16 +54,16 @@ def build_tiny_dataset(out: Path, val_docs: int = 20) -> Path:
 
 
 def run_tiny_training(workdir: Path, nproc: int = 1, data: Path | None = None, check: bool = True,
-                      **env: str) -> subprocess.CompletedProcess:
-    """torchrun train_gpt.py on CPU in `workdir` with TINY_ENV (+ overrides); returns the finished process.
-    The log is workdir/logs/<RUN_ID>.txt (RUN_ID defaults to 'tiny')."""
+                      script: Path = REPO / "train_gpt.py", **env: str) -> subprocess.CompletedProcess:
+    """torchrun train_gpt.py (or a driver `script` that imports it) on CPU in `workdir` with TINY_ENV
+    (+ overrides); returns the finished process. The log is workdir/logs/<RUN_ID>.txt (RUN_ID defaults to 'tiny')."""
     workdir.mkdir(parents=True, exist_ok=True)
     data = data or build_tiny_dataset(workdir / "data")
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
     full_env.update(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=str(TOKENIZER), RUN_ID="tiny",
                     CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     full_env.update({k: str(v) for k, v in env.items()})
-    cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", str(REPO / "train_gpt.py")]
+    cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", str(script)]
     proc = subprocess.run(cmd, cwd=workdir, env=full_env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"train_gpt.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

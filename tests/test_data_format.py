@@ -6,6 +6,8 @@ import torch
 import train_gpt as tg
 from make_shards import write_shard
 
+CPU = torch.device("cpu")
+
 
 def test_shard_round_trip(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 2**16, size=12_345).astype(np.uint16)
@@ -62,10 +64,10 @@ def test_rank_spans_cover_the_same_tokens_for_any_world_size(tmp_path, world_siz
     batch_tokens, seq_len = 512, 16
     local = batch_tokens // (world_size * grad_accum)
     spans = []
-    loaders = [tg.DistributedTokenLoader(files, r, world_size, torch.device("cpu")) for r in range(world_size)]
+    loaders = [tg.DistributedTokenLoader(files, r, world_size, CPU, local, seq_len) for r in range(world_size)]
     for _ in range(grad_accum):
         for loader in loaders:
-            x, y = loader.next_batch(local, seq_len)
+            x, y = loader.next_batch()
             assert x.shape == (local // seq_len, seq_len) and x.dtype == torch.int64
             assert torch.equal(x.flatten()[1:], y.flatten()[:-1])  # targets are the inputs shifted by one
             spans.append((x.flatten()[0].item(), y.flatten()[-1].item()))
@@ -83,3 +85,38 @@ def test_validation_truncation(tmp_path):
     assert len(subset) == 257 and subset.tolist() == list(range(257))
     with pytest.raises(tg.InputError, match="fewer than one 2048-token sequence"):
         tg.load_validation_tokens(files, 2048, 0)
+
+
+def plain_batches(files, rank, world_size, local_tokens, seq_len, steps):
+    """Reference reader: every shard read whole into memory, concatenated, wrapped around; per step the stream
+    advances world_size x (local_tokens + 1) tokens and rank r takes the r-th span."""
+    stream = np.concatenate([np.fromfile(f, dtype="<u2", offset=1024) for f in files]).astype(np.int64)
+    span, pos = local_tokens + 1, 0
+    for _ in range(steps):
+        idx = (pos + rank * span + np.arange(span)) % len(stream)
+        pos += world_size * span
+        tokens = torch.from_numpy(stream[idx])
+        yield tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the pinned-memory staging path needs a CUDA device"))])
+def test_staging_loader_equals_plain_reader_batch_for_batch(tmp_path, world_size, device):
+    """Three shards of unequal length, so spans cross shard boundaries and the stream wraps around several times."""
+    rng = np.random.default_rng(world_size)
+    for i, n in enumerate((1000, 37, 2500)):
+        write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", rng.integers(0, 1024, n))
+    files = tg.resolve_files(str(tmp_path / "fineweb_train_*.bin"), "TRAIN_FILES")
+    local_tokens, seq_len, steps = 96, 32, 40  # 40 x world x 97 tokens: up to 8 passes over 3,537 tokens
+    for rank in range(world_size):
+        loader = tg.DistributedTokenLoader(files, rank, world_size, torch.device(device), local_tokens, seq_len)
+        for want_x, want_y in plain_batches(files, rank, world_size, local_tokens, seq_len, steps):
+            x, y = loader.next_batch()
+            assert x.device.type == device and x.dtype == torch.int64 and x.shape == (3, 32)
+            assert torch.equal(x.cpu(), want_x) and torch.equal(y.cpu(), want_y)
+
+
+def test_shards_are_memory_mapped_not_read_whole(tmp_path):
+    write_shard(tmp_path / "s.bin", np.arange(10))
+    assert isinstance(tg.load_data_shard(str(tmp_path / "s.bin")), np.memmap)

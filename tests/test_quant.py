@@ -31,6 +31,12 @@ def tiny_model(seed: int = 0, **overrides: str) -> tuple[tg.GPT, object]:
     return model.eval(), hp
 
 
+def pack(state, control_patterns, method="rowmax", hessians=None):
+    """Quantise and pack as train_gpt.py's export does: (artifact bytes, per-route statistics)."""
+    tensors, meta, stats, _ = tg.quantize_state_dict(state, control_patterns, method, hessians)
+    return tg.pack_artifact(tensors, meta), stats
+
+
 @pytest.fixture(scope="module")
 def default_model():
     hp = tg.read_hyperparameters({})
@@ -140,7 +146,7 @@ def test_control_pattern_route_and_non_float_passthrough():
 
 def test_default_model_quantised_storage_and_dequantised_dtypes(default_model):
     state, hp = default_model
-    tensors, meta, stats = tg.quantize_state_dict(state, hp.control_patterns)
+    tensors, meta, stats, _ = tg.quantize_state_dict(state, hp.control_patterns)
     assert set(meta) == set(state)
     assert stats["int6"][0] == 39_424 and stats["int8"][0] == 1024 + 2048
     assert set(stats) == {"int6", "int8"}
@@ -173,10 +179,10 @@ def test_default_model_quantised_storage_and_dequantised_dtypes(default_model):
 def test_artifact_round_trip_dtypes_shapes_and_values():
     model, hp = tiny_model()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    blob, stats = tg.pack_artifact(state, hp.control_patterns)
+    blob, stats = pack(state, hp.control_patterns)
     assert isinstance(blob, bytes) and blob[:4] == b"\x28\xb5\x2f\xfd", "zstd frame magic"
     out = tg.unpack_artifact(blob, state)
-    tensors, meta, _ = tg.quantize_state_dict(state, hp.control_patterns)
+    tensors, meta, _, _ = tg.quantize_state_dict(state, hp.control_patterns)
     assert list(out) == list(state)
     for name, t in state.items():
         assert out[name].dtype == t.dtype and out[name].shape == t.shape, name
@@ -197,9 +203,9 @@ def test_small_bf16_embeddings_pass_through_and_come_back_bf16():
     """Embeddings small enough for fp16 passthrough are stored fp16 and restored to their bf16 reference dtype."""
     model, hp = tiny_model(VOCAB_SIZE="256", BIGRAM_VOCAB_SIZE="16")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    _, meta, _ = tg.quantize_state_dict(state, hp.control_patterns)
+    _, meta, _, _ = tg.quantize_state_dict(state, hp.control_patterns)
     assert meta["tok_emb.weight"] == meta["bigram.embed.weight"] == "passthrough"
-    out = tg.unpack_artifact(tg.pack_artifact(state, hp.control_patterns)[0], state)
+    out = tg.unpack_artifact(pack(state, hp.control_patterns)[0], state)
     for name in ("tok_emb.weight", "bigram.embed.weight"):
         assert out[name].dtype == torch.bfloat16 and out[name].shape == state[name].shape
         assert torch.equal(out[name], state[name].half().bfloat16())
@@ -210,13 +216,13 @@ def test_small_bf16_embeddings_pass_through_and_come_back_bf16():
 def test_artifact_is_deterministic_and_content_sensitive():
     model, hp = tiny_model()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    blob1, _ = tg.pack_artifact(state, hp.control_patterns)
+    blob1, _ = pack(state, hp.control_patterns)
     again = {k: v.clone() for k, v in state.items()}
-    blob2, _ = tg.pack_artifact(again, hp.control_patterns)
+    blob2, _ = pack(again, hp.control_patterns)
     assert blob1 == blob2
     changed = {k: v.clone() for k, v in state.items()}
     changed["blocks.1.mlp.fc.weight"][0, 0] += 1.0  # moves the value by many int6 steps
-    blob3, _ = tg.pack_artifact(changed, hp.control_patterns)
+    blob3, _ = pack(changed, hp.control_patterns)
     assert blob3 != blob1
     assert not torch.equal(tg.unpack_artifact(blob3, state)["blocks.1.mlp.fc.weight"],
                            tg.unpack_artifact(blob1, state)["blocks.1.mlp.fc.weight"])
@@ -224,7 +230,7 @@ def test_artifact_is_deterministic_and_content_sensitive():
 
 def test_unpack_against_model_with_more_layers_raises_input_error():
     model, hp = tiny_model()
-    blob, _ = tg.pack_artifact(model.state_dict(), hp.control_patterns)
+    blob, _ = pack(model.state_dict(), hp.control_patterns)
     other, _ = tiny_model(NUM_LAYERS="3")
     with pytest.raises(tg.InputError):
         tg.unpack_artifact(blob, other.state_dict())
@@ -238,7 +244,7 @@ def test_unpack_against_model_with_other_shapes_raises_input_error(override):
     """Same tensor names, different shapes (width, vocab, MLP): SPEC A5 asks for a one-line InputError that names
     the mismatch, not a tensor of the wrong shape handed to load_state_dict (a RuntimeError traceback)."""
     model, hp = tiny_model()
-    blob, _ = tg.pack_artifact(model.state_dict(), hp.control_patterns)
+    blob, _ = pack(model.state_dict(), hp.control_patterns)
     other, _ = tiny_model(**override)
     assert set(other.state_dict()) == set(model.state_dict())
     with pytest.raises(tg.InputError):
@@ -247,7 +253,7 @@ def test_unpack_against_model_with_other_shapes_raises_input_error(override):
 
 def test_quantised_model_still_predicts():
     model, hp = tiny_model(seed=3)
-    blob, _ = tg.pack_artifact(model.state_dict(), hp.control_patterns)
+    blob, _ = pack(model.state_dict(), hp.control_patterns)
     fresh = tg.build_model(hp, CPU)
     fresh.load_state_dict(tg.unpack_artifact(blob, fresh.state_dict()), strict=True)
     fresh.eval()

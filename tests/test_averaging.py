@@ -1,0 +1,153 @@
+"""Weight averaging (SWA, EMA): it may only change what is exported, never the training itself.
+
+The bug this guards against: snapshots taken with `.float().cpu()` are the live fp32 tensors themselves on a CPU,
+so the running sum added every later snapshot into the weights being trained. The end-to-end tests run the real
+script through torchrun with a small driver that records, on rank 0, a copy of every snapshot the average takes
+and the state handed to the quantiser."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import REPO, TINY_ENV, log_lines, run_tiny_training
+
+DRIVER = f"""
+import sys, torch
+sys.path.insert(0, {str(REPO)!r})
+import train_gpt as tg
+
+snapshots, initial, live_at_end, exported = [], {{}}, {{}}, {{}}
+
+class Recording(tg.WeightAverage):
+    def __init__(self, model, decay=0.0):
+        super().__init__(model, decay)
+        initial.update({{k: v.detach().clone() for k, v in self.live.items()}})
+
+    def update(self):
+        super().update()
+        snapshots.append({{k: v.detach().clone() for k, v in self.live.items()}})
+
+    def averaged(self):
+        live_at_end.update({{k: v.detach().clone() for k, v in self.live.items()}})
+        return super().averaged()
+
+quantize = tg.quantize_state_dict
+
+def spy(state, *args, **kwargs):
+    exported.update({{k: v.detach().clone() for k, v in state.items()}})
+    return quantize(state, *args, **kwargs)
+
+tg.WeightAverage, tg.quantize_state_dict = Recording, spy
+status = tg.main()
+if int(__import__("os").environ.get("RANK", 0)) == 0:
+    torch.save(dict(snapshots=snapshots if len(snapshots) < 50 else snapshots[-1:], count=len(snapshots),
+                    initial=initial, live_at_end=live_at_end, exported=exported), "recorded.pt")
+sys.exit(status)
+"""
+
+# More snapshots than the default tiny run (steps 27-30: the LR multiplier is below 0.5 from step 26), and every train loss logged.
+SWA_ENV = dict(SWA_EVERY="1", TRAIN_LOG_EVERY="1")
+
+
+def run_driver(workdir, tiny_data, nproc: int, **env):
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "driver.py").write_text(DRIVER)
+    run_tiny_training(workdir, nproc=nproc, data=tiny_data, script=workdir / "driver.py", **env)
+    return torch.load(workdir / "recorded.pt"), log_lines(workdir)
+
+
+def train_losses(lines: list[str]) -> list[str]:
+    return [re.match(r"(step:\d+/\d+ train_loss:\S+)", line).group(1) for line in lines
+            if re.match(r"step:\d+/\d+ train_loss:", line)]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_swa_changes_only_the_export(tmp_path, tiny_data, nproc):
+    recorded, with_swa = run_driver(tmp_path / "swa", tiny_data, nproc, **SWA_ENV)
+    run_tiny_training(tmp_path / "plain", nproc=nproc, data=tiny_data, SWA_ENABLED="0", **SWA_ENV)
+    without = log_lines(tmp_path / "plain")
+    assert len(train_losses(with_swa)) == 30
+    assert train_losses(with_swa) == train_losses(without)  # step by step, to the last digit
+    assert recorded["count"] == 4 and any(line.startswith("swa:applying averaged") for line in with_swa)
+    # the exported weights are the mean of the snapshots, computed here in float64 from their copies
+    for name, got in recorded["exported"].items():
+        want = torch.stack([s[name].double() for s in recorded["snapshots"]]).mean(0)
+        assert got.dtype == recorded["snapshots"][0][name].dtype
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-7 if got.dtype == torch.float32 else 1e-2), name
+    # ... and not just the last snapshot (the average really averages)
+    last = recorded["snapshots"][-1]
+    assert any(not torch.equal(got, last[name]) for name, got in recorded["exported"].items())
+
+
+def test_ema_is_the_reference_recurrence():
+    """After k steps, the EMA equals ema <- d * ema + (1 - d) * w computed here in fp32, starting at the weights
+    it was created with; bf16 weights are averaged in fp32 and handed back in bf16."""
+    torch.manual_seed(0)
+    hp = tg.read_hyperparameters(dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2",
+                                      BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", XSA_LAST_N="1", VOCAB_SIZE="128"))
+    model = tg.build_model(hp, torch.device("cpu"))
+    decay = 0.9
+    ema = tg.WeightAverage(model, decay)
+    reference = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    for _ in range(7):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        ema.update()
+        for k, v in model.state_dict().items():
+            reference[k] = decay * reference[k] + (1 - decay) * v.float()
+    out = ema.averaged()
+    for k, v in model.state_dict().items():
+        assert out[k].dtype == v.dtype
+        assert torch.allclose(ema.acc[k], reference[k], rtol=1e-6, atol=1e-7), k
+        assert not torch.equal(ema.acc[k], v.float()) or v.float().abs().max() == 0
+    # the accumulators are tensors of their own: training the model further leaves them alone
+    before = {k: a.clone() for k, a in ema.acc.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+    assert all(torch.equal(before[k], a) for k, a in ema.acc.items())
+
+
+def test_swa_accumulators_never_alias_the_weights():
+    model = tg.build_model(tg.read_hyperparameters(dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4",
+                                                        NUM_KV_HEADS="2", BIGRAM_VOCAB_SIZE="0", VOCAB_SIZE="64",
+                                                        XSA_LAST_N="1")),
+                           torch.device("cpu"))
+    swa = tg.WeightAverage(model)
+    live = model.state_dict()
+    assert all(a.data_ptr() != live[k].data_ptr() for k, a in swa.acc.items())
+    swa.update()
+    swa.update()
+    first = {k: v.clone() for k, v in live.items()}
+    assert all(torch.equal(live[k], first[k]) for k in live)  # updating never writes into the weights
+    assert all(torch.equal(swa.averaged()[k], first[k]) for k in live)
+
+
+def test_ema_exports_the_averaged_weights_not_the_live_ones(tmp_path, tiny_data):
+    recorded, lines = run_driver(tmp_path, tiny_data, 1, EMA_DECAY="0.9")
+    assert "ema:applying decay:0.9" in lines and "swa:off reason:EMA_DECAY" in lines
+    assert not any(line.startswith(("swa:start", "swa:applying")) for line in lines)
+    assert recorded["count"] == 30  # one update per optimizer step
+    ema, live = recorded["snapshots"], recorded["live_at_end"]
+    assert set(recorded["exported"]) == set(live)
+    differs = 0
+    for name, got in recorded["exported"].items():
+        reference = recorded["initial"][name].float()  # EMA from the weights training starts with
+        for snapshot in ema:
+            reference = 0.9 * reference + 0.1 * snapshot[name].float()
+        assert got.dtype == live[name].dtype
+        assert torch.allclose(got.float(), reference.to(got.dtype).float(), rtol=1e-5, atol=1e-6), name
+        differs += not torch.equal(got, live[name])
+    assert differs > len(live) // 2  # the export is not the live model
+    # the artifact on disk holds the quantised EMA weights exactly
+    ref = tg.build_model(tg.read_hyperparameters({**TINY_ENV, "EMA_DECAY": "0.9"}), torch.device("cpu")).state_dict()
+    from_disk = tg.unpack_artifact((tmp_path / "final_model.int6.ptz").read_bytes(), ref)
+    tensors, meta, _, _ = tg.quantize_state_dict(recorded["exported"], tg.read_hyperparameters({}).control_patterns)
+    want = tg.dequantize_state_dict(tensors, meta, ref)
+    assert all(torch.equal(from_disk[k], want[k]) for k in want)
+    averaged = [line for line in lines if line.startswith("averaged val_loss:")]
+    assert len(averaged) == 1 and "val_bpb:" in averaged[0]

@@ -1,0 +1,169 @@
+"""QUANT_METHOD=clipsearch|gptq (LINEAGE.md §1.4, §1.6, §1.7): the quantisers' invariants, GPTQ calibration inside
+the training budget, and that a GPTQ artifact is an ordinary artifact (EVAL_ONLY re-scores it)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import REPO, field, log_lines, run_tiny_training
+from test_quant import pack
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def trained_like(rows: int, cols: int) -> torch.Tensor:
+    """Rows of varied scale, some beyond the 1/31 scale floor (max |w| > 1), with heavy tails."""
+    w = torch.randn(rows, cols, generator=GEN) * torch.logspace(-1.5, 0.7, rows)[:, None]
+    w[::7, 3] *= 8  # outliers that a clip can profit from
+    return w
+
+
+def rtn(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale.float()), -31, 31)
+
+
+def output_error(w, q, scale, x) -> float:
+    return float(((w - q * scale.float()) @ x.T).square().sum())
+
+
+def test_clipsearch_takes_each_rows_best_candidate():
+    w = trained_like(64, 300)
+    q, scale = tg.clipsearch_rows(w)
+    assert q.abs().max() <= 31 and torch.equal(q, q.round()) and scale.dtype == torch.float16
+    err = (w - q * scale.float()).square().sum(1)
+    for p in tg.CLIP_QUANTILES:  # brute force: no candidate beats the chosen one on any row
+        clip = w.abs().amax(1, keepdim=True) if p == 1.0 else torch.quantile(w.abs(), p, dim=1, keepdim=True)
+        s = (clip / 31).clamp_min(1 / 31).half()
+        cand = (w - rtn(w, s) * s.float()).square().sum(1)
+        assert (err <= cand + 1e-9).all()
+    rowmax_q, rowmax_s = tg.int6_rows(w)
+    assert err.sum() <= (w - rowmax_q * rowmax_s.float()).square().sum()
+    assert (scale.float() < rowmax_s.float()).any()  # some rows really clip
+
+
+def test_gptq_with_identity_hessian_is_round_to_nearest():
+    w = trained_like(48, 256)
+    _, scale = tg.clipsearch_rows(w)
+    assert torch.equal(tg.gptq_rows(w, torch.eye(256), scale), rtn(w, scale))
+
+
+@pytest.mark.parametrize("cols", [96, 300])  # within one block of 128 columns, and across three
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(cols):
+    mix = torch.randn(cols, cols, generator=GEN) / cols ** 0.5 + torch.eye(cols)
+    x = torch.randn(4096, cols, generator=GEN) @ mix * torch.linspace(0.2, 3, cols)  # correlated, uneven scales
+    held_out = torch.randn(4096, cols, generator=GEN) @ mix * torch.linspace(0.2, 3, cols)
+    w = trained_like(64, cols)
+    _, scale = tg.clipsearch_rows(w)
+    q = tg.gptq_rows(w, x.T @ x, scale)
+    assert q.abs().max() <= 31 and torch.equal(q, q.round())
+    for data in (x, held_out):
+        assert output_error(w, q, scale, data) < 0.8 * output_error(w, rtn(w, scale), scale, data)
+
+
+def test_gptq_dead_inputs_and_determinism():
+    x = torch.randn(512, 200, generator=GEN)
+    x[:, 17] = 0  # an input never active in calibration
+    w = trained_like(32, 200)
+    _, scale = tg.clipsearch_rows(w)
+    q = tg.gptq_rows(w, x.T @ x, scale)
+    assert (q[:, 17] == 0).all()
+    assert torch.equal(q, tg.gptq_rows(w, x.T @ x, scale))
+
+
+def test_gptq_falls_back_to_clipsearch_when_the_hessian_is_broken():
+    hp = tg.read_hyperparameters(dict(NUM_LAYERS="1", MODEL_DIM="96", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="8",
+                                      BIGRAM_VOCAB_SIZE="0", VOCAB_SIZE="128", XSA_LAST_N="1"))
+    torch.manual_seed(0)
+    state = {k: v + 0.1 * torch.randn_like(v) for k, v in tg.build_model(hp, torch.device("cpu")).state_dict().items()}
+    names = [k for k, v in state.items() if tg.quant_route(k, v, hp.control_patterns) == "int6"]
+    assert names == ["blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight"]
+    good = {n: (lambda x: x.T @ x)(torch.randn(1000, state[n].size(1), generator=GEN)) for n in names}
+    broken = dict(good, **{names[1]: torch.full_like(good[names[1]], float("nan"))})
+    assert tg.gptq_rows(state[names[1]], broken[names[1]], tg.clipsearch_rows(state[names[1]])[1]) is None
+    tensors, _, _, fallbacks = tg.quantize_state_dict(state, hp.control_patterns, "gptq", broken)
+    assert fallbacks == [names[1]]
+    assert torch.equal(tensors[names[1] + ".q"], tg.clipsearch_rows(state[names[1]])[0].to(torch.int8))
+    assert not torch.equal(tensors[names[0] + ".q"], tg.clipsearch_rows(state[names[0]])[0].to(torch.int8))
+    blob1, stats = pack(state, hp.control_patterns, "gptq", good)
+    blob2, _ = pack(state, hp.control_patterns, "gptq", good)
+    assert blob1 == blob2  # deterministic bytes
+    rows, floored, clipped, n, sq = stats["int6"]
+    assert rows == 768 + 96 and n == 2 * 768 * 96 and sq > 0 and 0 <= clipped < n
+
+
+def test_bad_quant_settings_are_input_errors():
+    for env, message in [({"QUANT_METHOD": "awq"}, "QUANT_METHOD=awq must be rowmax, clipsearch or gptq"),
+                         ({"QUANT_METHOD": "gptq", "GPTQ_RESERVE_SECONDS": "600"}, "must be below MAX_WALLCLOCK"),
+                         ({"GPTQ_CALIB_SEQS": "0"}, "GPTQ_CALIB_SEQS must be positive")]:
+        with pytest.raises(tg.InputError, match=message):
+            tg.read_hyperparameters(env)
+
+
+NO_TRAIN_DATA_AFTER_CALIBRATION = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+import train_gpt as tg
+
+phase = ["training"]
+take = tg.TokenStream.take
+
+def guarded_take(self, n):
+    assert phase[0] == "training", "training data read after calibration"
+    return take(self, n)
+
+quantize = tg.quantize_state_dict
+
+def quantize_then_close(*args, **kwargs):
+    out = quantize(*args, **kwargs)
+    phase[0] = "evaluation"
+    print("calibration:closed", flush=True)
+    return out
+
+tg.TokenStream.take, tg.quantize_state_dict = guarded_take, quantize_then_close
+sys.exit(tg.main())
+"""
+
+# MLP_MULT=17: the tiny model's MLP matrices (1088 x 64) are over the 65,536-value passthrough size, so int6 + GPTQ
+CAPPED = dict(QUANT_METHOD="gptq", GPTQ_CALIB_SEQS="6", MAX_WALLCLOCK_SECONDS="8", ITERATIONS="100000",
+              VAL_LOSS_EVERY="0", WARMDOWN_ITERS="20", MLP_MULT="17")
+
+
+def budget(lines):
+    (line,) = [line for line in lines if line.startswith("gptq:budget")]
+    return {k: int(field(line, k)) for k in ("train_ms", "calib_ms", "total_ms", "limit_ms")}
+
+
+def test_gptq_run_reserves_its_time_and_reads_no_training_data_after(tmp_path, tiny_data):
+    (tmp_path / "driver.py").write_text(NO_TRAIN_DATA_AFTER_CALIBRATION)
+    proc = run_tiny_training(tmp_path, data=tiny_data, script=tmp_path / "driver.py", GPTQ_RESERVE_SECONDS="3",
+                             **CAPPED)
+    assert "calibration:closed" in proc.stdout
+    lines = log_lines(tmp_path)
+    b = budget(lines)
+    assert b["limit_ms"] == 8000 and abs(b["train_ms"] + b["calib_ms"] - b["total_ms"]) <= 1
+    step_ms = float(field([l for l in lines if re.match(r"step:\d+/\d+ val_loss", l)][-1], "step_avg")[:-2])
+    assert 5000 <= b["train_ms"] <= 5000 + 3 * step_ms  # stops at cap - reserve, plus at most the step in flight
+    assert b["total_ms"] <= 8000 and not any(line.startswith("budget:exceeded") for line in lines)
+    assert any(re.match(r"quant:int6 method:gptq rows:\d+ scale_floor_rows:\d+ clipped:[\d.]+ weight_mse:", l)
+               for l in lines)
+    assert any(line.startswith("summary: budget training:") and line.endswith(" ok") for line in lines)
+    # the artifact is an ordinary one: EVAL_ONLY re-scores it to the same digits
+    run_tiny_training(tmp_path, data=tiny_data, RUN_ID="again", EVAL_ONLY="final_model.int6.ptz", MLP_MULT="17")
+    again = log_lines(tmp_path, "again")
+    for prefix in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact"):
+        assert [l for l in again if l.startswith(prefix)] == [l for l in lines if l.startswith(prefix)]
+
+
+def test_gptq_over_its_budget_is_loud_and_fails(tmp_path, tiny_data):
+    proc = run_tiny_training(tmp_path, data=tiny_data, check=False, GPTQ_RESERVE_SECONDS="0", **CAPPED)
+    assert proc.returncode == 1
+    lines = log_lines(tmp_path)
+    b = budget(lines)
+    assert b["total_ms"] > b["limit_ms"] == 8000
+    (over,) = [line for line in lines if line.startswith("budget:exceeded")]
+    assert over.startswith(f"budget:exceeded training total_ms:{b['total_ms']} limit_ms:8000")
+    assert any(line.startswith("final_int6_sliding_window_exact") for line in lines)  # the evals still ran
+    assert any(line.startswith("summary: budget training:") and line.endswith(" exceeded") for line in lines)
