@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 try:
@@ -35,84 +36,50 @@ except ImportError:
     flash_attn_func = None
 
 # ---------------------------------------------------------------------------------------------------------------
-# Hyperparameters: (env var, type, default). Defaults are the seed run; attributes are the lower-cased names.
+# Hyperparameters: env var -> default (its type is the default's). Defaults are the seed run; attributes are the
+# lower-cased names. Everything after XSA_LAST_N is off by default: the lineage's flags (LINEAGE.md).
 
-CONTROL_PATTERNS = "attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,skip_weight,skip_weights,smear"
-HPARAMS = [
-    ("DATA_PATH", str, "./data/datasets/fineweb10B_sp1024"),
-    ("TRAIN_FILES", str, ""),  # glob; "" = DATA_PATH/fineweb_train_*.bin
-    ("VAL_FILES", str, ""),  # glob; "" = DATA_PATH/fineweb_val_*.bin
-    ("TOKENIZER_PATH", str, "./data/tokenizers/fineweb_1024_bpe.model"),
-    ("RUN_ID", str, ""),  # "" = random UUID4
-    ("SEED", int, 1337),
-    ("VAL_BATCH_SIZE", int, 524288),
-    ("VAL_LOSS_EVERY", int, 1000),
-    ("VAL_MAX_TOKENS", int, 0),  # 0 = full validation set; otherwise a subset score, never a submission score
-    ("TRAIN_LOG_EVERY", int, 200),
-    ("ITERATIONS", int, 9000),
-    ("WARMDOWN_ITERS", int, 3000),
-    ("WARMUP_STEPS", int, 20),
-    ("TRAIN_BATCH_TOKENS", int, 524288),
-    ("TRAIN_SEQ_LEN", int, 2048),
-    ("EVAL_SEQ_LEN", int, 2048),
-    ("MAX_WALLCLOCK_SECONDS", float, 600.0),
-    ("QK_GAIN_INIT", float, 1.5),
-    ("VOCAB_SIZE", int, 1024),
-    ("NUM_LAYERS", int, 11),
-    ("NUM_KV_HEADS", int, 4),
-    ("MODEL_DIM", int, 512),
-    ("NUM_HEADS", int, 8),
-    ("MLP_MULT", float, 3.0),
-    ("TIE_EMBEDDINGS", bool, True),
-    ("ROPE_BASE", float, 50000.0),
-    ("LOGIT_SOFTCAP", float, 30.0),
-    ("EMBED_LR", float, 0.6),
-    ("HEAD_LR", float, 0.008),
-    ("TIED_EMBED_LR", float, 0.035),
-    ("TIED_EMBED_INIT_STD", float, 0.005),
-    ("MATRIX_LR", float, 0.025),
-    ("SCALAR_LR", float, 0.025),
-    ("MUON_MOMENTUM", float, 0.99),
-    ("MUON_BACKEND_STEPS", int, 5),
-    ("MUON_MOMENTUM_WARMUP_START", float, 0.92),
-    ("MUON_MOMENTUM_WARMUP_STEPS", int, 1500),
-    ("BETA1", float, 0.9),
-    ("BETA2", float, 0.95),
-    ("ADAM_EPS", float, 1e-8),
-    ("GRAD_CLIP_NORM", float, 0.3),
-    ("EVAL_STRIDE", int, 64),
-    ("MTP_NUM_HEADS", int, 0),
-    ("MTP_LOSS_WEIGHT", float, 0.2),
-    ("SWA_ENABLED", bool, True),
-    ("SWA_EVERY", int, 200),
-    ("MUON_WD", float, 0.04),
-    ("ADAM_WD", float, 0.04),
-    ("QAT_ENABLED", bool, False),
-    ("BIGRAM_VOCAB_SIZE", int, 2048),
-    ("BIGRAM_DIM", int, 128),
-    ("XSA_LAST_N", int, 3),
-    ("MLP_NEG_SLOPE", float, 0.0),  # MLP activation leaky_relu(x, slope)^2; 0 = relu^2 (the seed)
-    ("ROPE_DIMS", int, 0),  # rotate only the first ROPE_DIMS dims of each head; 0 = all
-    ("LN_SCALE", bool, False),  # scale block l's sublayer inputs by 1/sqrt(l+1)
-    ("EMA_DECAY", float, 0.0),  # exponential average of the weights, exported instead of SWA; 0 = off
-    ("CONTROL_TENSOR_NAME_PATTERNS", str, CONTROL_PATTERNS),
-    ("QUANT_METHOD", str, "rowmax"),  # int6 quantiser: rowmax (the seed), clipsearch (GPTQ-lite) or gptq
-    ("GPTQ_CALIB_SEQS", int, 64),  # training sequences whose activations calibrate GPTQ
-    ("GPTQ_RESERVE_SECONDS", float, 10.0),  # taken off the training cap for GPTQ calibration
-    ("TTT_ENABLED", bool, False),  # legal score-first test-time training after the final evals
-    ("TTT_CHUNK_TOKENS", int, 32768),
-    ("TTT_EPOCHS", int, 3),
-    ("TTT_LR", float, 0.002),
-    ("TTT_MOMENTUM", float, 0.9),
-    ("TTT_FREEZE_BLOCKS", int, 0),
-    ("TTT_MAX_SECONDS", float, 300.0),  # cap on TTT's training time; later chunks are only scored (0 = no cap)
-    ("COMPILE", str, "auto"),  # auto = on for CUDA, off on CPU
-    ("ATTENTION", str, "auto"),  # auto = FlashAttention-3 if its start-up probe passes on CUDA, else SDPA
-    ("EVAL_ONLY", str, ""),  # path to a final_model.int6.ptz: skip training, score the artifact
-]
-HPARAM_NAMES = [name for name, _, _ in HPARAMS]
+HPARAMS = dict(
+    DATA_PATH="./data/datasets/fineweb10B_sp1024",
+    TRAIN_FILES="", VAL_FILES="",  # globs; "" = DATA_PATH/fineweb_{train,val}_*.bin
+    TOKENIZER_PATH="./data/tokenizers/fineweb_1024_bpe.model",
+    RUN_ID="",  # "" = random UUID4
+    SEED=1337,
+    VAL_BATCH_SIZE=524288, VAL_LOSS_EVERY=1000, TRAIN_LOG_EVERY=200,
+    VAL_MAX_TOKENS=0,  # 0 = full validation set; otherwise a subset score, never a submission score
+    ITERATIONS=9000, WARMDOWN_ITERS=3000, WARMUP_STEPS=20,
+    TRAIN_BATCH_TOKENS=524288, TRAIN_SEQ_LEN=2048, EVAL_SEQ_LEN=2048,
+    MAX_WALLCLOCK_SECONDS=600.0,
+    QK_GAIN_INIT=1.5, VOCAB_SIZE=1024, NUM_LAYERS=11, NUM_KV_HEADS=4, MODEL_DIM=512, NUM_HEADS=8, MLP_MULT=3.0,
+    TIE_EMBEDDINGS=True, ROPE_BASE=50000.0, LOGIT_SOFTCAP=30.0,
+    EMBED_LR=0.6, HEAD_LR=0.008, TIED_EMBED_LR=0.035, TIED_EMBED_INIT_STD=0.005, MATRIX_LR=0.025, SCALAR_LR=0.025,
+    MUON_MOMENTUM=0.99, MUON_BACKEND_STEPS=5, MUON_MOMENTUM_WARMUP_START=0.92, MUON_MOMENTUM_WARMUP_STEPS=1500,
+    BETA1=0.9, BETA2=0.95, ADAM_EPS=1e-8, GRAD_CLIP_NORM=0.3,
+    EVAL_STRIDE=64,
+    MTP_NUM_HEADS=0, MTP_LOSS_WEIGHT=0.2,
+    SWA_ENABLED=True, SWA_EVERY=200,
+    MUON_WD=0.04, ADAM_WD=0.04,
+    QAT_ENABLED=False,
+    BIGRAM_VOCAB_SIZE=2048, BIGRAM_DIM=128,
+    XSA_LAST_N=3,
+    MLP_NEG_SLOPE=0.0,  # MLP activation leaky_relu(x, slope)^2; 0 = relu^2
+    ROPE_DIMS=0,  # rotate only the first ROPE_DIMS dims of each head; 0 = all
+    LN_SCALE=False,  # block l's sublayer inputs scaled by 1/sqrt(l+1)
+    EMA_DECAY=0.0,  # exponential average of the weights, exported instead of SWA; 0 = off
+    QUANT_METHOD="rowmax",  # int6 quantiser: rowmax (the seed), clipsearch (GPTQ-lite) or gptq
+    GPTQ_CALIB_SEQS=64, GPTQ_RESERVE_SECONDS=10.0,  # calibration sequences; seconds taken off the training cap
+    TTT_ENABLED=False,  # legal score-first test-time training after the final evals
+    TTT_CHUNK_TOKENS=32768, TTT_EPOCHS=3, TTT_LR=0.002, TTT_MOMENTUM=0.9, TTT_FREEZE_BLOCKS=0,
+    TTT_MAX_SECONDS=300.0,  # cap on TTT's training time, after which chunks are only scored; 0 = no cap
+    CONTROL_TENSOR_NAME_PATTERNS="attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,"
+                                 "skip_weight,skip_weights,smear",
+    COMPILE="auto",  # auto = on with CUDA
+    ATTENTION="auto",  # auto = FlashAttention-3 if its start-up probe passes on CUDA, else SDPA; or fa3, sdpa
+    EVAL_ONLY="",  # path to a final_model.int6.ptz: skip training, score the artifact
+)
+HPARAM_NAMES = list(HPARAMS)
 SIZE_LIMIT_BYTES = 16_000_000
-EVAL_LIMIT_MS = 600_000.0  # evaluation budget on 8xH100
+EVAL_LIMIT_MS = 600_000.0  # the evaluation budget, on 8xH100
 ARTIFACT_PATH = "final_model.int6.ptz"
 
 
@@ -120,26 +87,26 @@ class InputError(Exception):
     """Bad configuration or data: reported as one line, exit status 2."""
 
 
-def parse_value(name: str, kind: type, raw: str):
+def parse_value(name: str, default, raw: str):
     try:
-        if kind is bool:
+        if isinstance(default, bool):
             if raw not in ("0", "1", "True", "False"):
                 raise ValueError
             return raw in ("1", "True")
-        return kind(raw)
+        return type(default)(raw)
     except ValueError:
-        raise InputError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+        raise InputError(f"{name}={raw!r} is not a valid {type(default).__name__}") from None
 
 
 def read_hyperparameters(env) -> SimpleNamespace:
-    hp = SimpleNamespace(**{n.lower(): parse_value(n, k, env[n]) if n in env else d for n, k, d in HPARAMS})
+    hp = SimpleNamespace(**{n.lower(): parse_value(n, d, env[n]) if n in env else d for n, d in HPARAMS.items()})
     hp.run_id = hp.run_id or str(uuid.uuid4())
     hp.train_glob = hp.train_files or os.path.join(hp.data_path, "fineweb_train_*.bin")
     hp.val_glob = hp.val_files or os.path.join(hp.data_path, "fineweb_val_*.bin")
     hp.eval_len = hp.eval_seq_len if hp.eval_seq_len > 0 else hp.train_seq_len
     hp.control_patterns = tuple(p for p in hp.control_tensor_name_patterns.split(",") if p)
     head_dim = hp.model_dim // max(hp.num_heads, 1)
-    checks = [
+    for ok, message in [
         (hp.compile in ("auto", "0", "1"), "COMPILE must be auto, 0 or 1"),
         (min(hp.train_seq_len, hp.train_batch_tokens, hp.val_batch_size, hp.num_layers, hp.num_heads) > 0,
          "TRAIN_SEQ_LEN, TRAIN_BATCH_TOKENS, VAL_BATCH_SIZE, NUM_LAYERS and NUM_HEADS must be positive"),
@@ -152,31 +119,36 @@ def read_hyperparameters(env) -> SimpleNamespace:
         (min(hp.eval_stride, hp.val_max_tokens, hp.mtp_num_heads, hp.warmup_steps) >= 0,
          "EVAL_STRIDE, VAL_MAX_TOKENS, MTP_NUM_HEADS and WARMUP_STEPS must be >= 0"),
         (hp.swa_every > 0, "SWA_EVERY must be positive"),
-        (hp.attention in ("auto", "fa3", "sdpa"), f"ATTENTION={hp.attention} must be auto, fa3 or sdpa"),
-        (hp.quant_method in ("rowmax", "clipsearch", "gptq"), f"QUANT_METHOD={hp.quant_method} must be rowmax, "
-         "clipsearch or gptq"),
-        (hp.gptq_calib_seqs > 0 and hp.gptq_reserve_seconds >= 0, "GPTQ_CALIB_SEQS must be positive and "
-         "GPTQ_RESERVE_SECONDS >= 0"),
+        (0 <= hp.ema_decay < 1, f"EMA_DECAY={hp.ema_decay} must lie in [0, 1) (0 = off)"),
+        (hp.rope_dims == 0 or (hp.rope_dims % 2 == 0 and 2 <= hp.rope_dims <= head_dim),
+         f"ROPE_DIMS={hp.rope_dims} must be 0 (whole head) or even in [2, head dim {head_dim}]"),
+        (hp.quant_method in ("rowmax", "clipsearch", "gptq"),
+         f"QUANT_METHOD={hp.quant_method} must be rowmax, clipsearch or gptq"),
+        (hp.gptq_calib_seqs > 0 and hp.gptq_reserve_seconds >= 0,
+         "GPTQ_CALIB_SEQS must be positive and GPTQ_RESERVE_SECONDS >= 0"),
         (hp.quant_method != "gptq" or hp.max_wallclock_seconds <= 0 or hp.gptq_reserve_seconds < hp.max_wallclock_seconds,
-         f"GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}"),
+         f"GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS"),
         (hp.ttt_chunk_tokens > 0 and hp.ttt_chunk_tokens % hp.train_seq_len == 0,
          f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens} must be a positive multiple of TRAIN_SEQ_LEN={hp.train_seq_len}"),
         (min(hp.ttt_epochs, hp.ttt_lr, hp.ttt_momentum) >= 0 and 0 <= hp.ttt_freeze_blocks <= hp.num_layers,
          "TTT_EPOCHS, TTT_LR and TTT_MOMENTUM must be >= 0 and TTT_FREEZE_BLOCKS in [0, NUM_LAYERS]"),
-        (0 <= hp.ema_decay < 1, f"EMA_DECAY={hp.ema_decay} must lie in [0, 1) (0 = off)"),
-        (hp.rope_dims == 0 or (hp.rope_dims % 2 == 0 and 2 <= hp.rope_dims <= head_dim),
-         f"ROPE_DIMS={hp.rope_dims} must be 0 (whole head) or even in [2, head dim {head_dim}]"),
-    ]
-    for ok, message in checks:
+        (hp.attention in ("auto", "fa3", "sdpa"), f"ATTENTION={hp.attention} must be auto, fa3 or sdpa"),
+    ]:
         if not ok:
             raise InputError(message)
     return hp
 
 
+def misspelt(env) -> list[str]:
+    """A warning for every env var that is not a hyperparameter but is close to one."""
+    close = {n: difflib.get_close_matches(n, HPARAM_NAMES, 1, 0.88) for n in sorted(env) if n not in HPARAMS}
+    return [f"warning: {n} is not a hyperparameter; did you mean {c[0]}?" for n, c in close.items() if c]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Muon: momentum + Newton-Schulz orthogonalised updates for the matrices
 
-def newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:
+def newton_schulz(g: Tensor, steps: int) -> Tensor:
     """Quintic iteration pushing every singular value of g towards 1 (bf16, as in the records)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16()
@@ -191,7 +163,7 @@ def newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Each rank orthogonalises every world_size-th matrix; one all-reduce shares the updates."""
+    """Each rank orthogonalises every world_size-th matrix; one all-reduce of a flat buffer shares the updates."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, orthogonalize):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
@@ -203,19 +175,16 @@ class Muon(torch.optim.Optimizer):
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         for gi, group in enumerate(self.param_groups):
             params, mu = group["params"], group["momentum"]
-            if gi not in self.flat:  # the update buffer all ranks share, allocated once
+            if gi not in self.flat:
                 self.flat[gi] = torch.empty(sum(p.numel() for p in params), dtype=torch.bfloat16, device=params[0].device)
-            flat = self.flat[gi].zero_()
-            offset = 0
+            flat, offset = self.flat[gi].zero_(), 0
             for i, p in enumerate(params):
                 if i % world == rank and p.grad is not None:
                     if "momentum_buffer" not in self.state[p]:
                         self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
-                    buf = self.state[p]["momentum_buffer"]
-                    buf.mul_(mu).add_(p.grad)
+                    buf = self.state[p]["momentum_buffer"].mul_(mu).add_(p.grad)
                     update = self.orthogonalize(p.grad.add(buf, alpha=mu), group["backend_steps"])
-                    update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
-                    flat[offset : offset + p.numel()] = update.flatten()
+                    flat[offset : offset + p.numel()] = (update * max(1.0, p.size(0) / p.size(1)) ** 0.5).flatten()
                 offset += p.numel()
             if distributed:
                 dist.all_reduce(flat)
@@ -233,9 +202,7 @@ class Muon(torch.optim.Optimizer):
 def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int):
     """Per-token UTF-8 byte counts: (base_bytes int16, has_leading_space bool, is_boundary bool)."""
     n = max(sp.vocab_size(), vocab_size)
-    base_bytes = np.zeros(n, dtype=np.int16)
-    has_space = np.zeros(n, dtype=np.bool_)
-    is_boundary = np.ones(n, dtype=np.bool_)
+    base_bytes, has_space, is_boundary = np.zeros(n, np.int16), np.zeros(n, np.bool_), np.ones(n, np.bool_)
     for i in range(sp.vocab_size()):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             continue
@@ -250,7 +217,7 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int):
     return tuple(torch.from_numpy(a) for a in (base_bytes, has_space, is_boundary))
 
 
-def target_bytes(prev: torch.Tensor, tgt: torch.Tensor, luts) -> torch.Tensor:
+def target_bytes(prev: Tensor, tgt: Tensor, luts) -> Tensor:
     """Bytes of each target: its piece, plus the space of a leading '▁' unless it follows a boundary token."""
     base_bytes, has_space, is_boundary = luts
     return base_bytes[tgt].to(torch.int64) + (has_space[tgt] & ~is_boundary[prev]).to(torch.int64)
@@ -291,7 +258,7 @@ def read_shard_header(path: str) -> int:
 
 
 def load_data_shard(path: str) -> np.ndarray:
-    """The shard's tokens, memory-mapped: pages are read when used, never a whole shard on the critical path."""
+    """The shard's tokens, memory-mapped: read page by page as used, never a whole shard at once."""
     n = read_shard_header(path)
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,)) if n else np.zeros(0, np.uint16)
 
@@ -325,34 +292,22 @@ class TokenStream:
 
 class DistributedTokenLoader:
     """Every rank reads the same stream; each takes its own contiguous span (+1 token for the shifted targets).
-    The next span is staged as soon as the current one is handed out; on CUDA it goes through one of two pinned
-    buffers in a single non-blocking copy (x and y are views of it), so the host never waits on a transfer."""
+    The next span is staged as soon as the current one is handed out: on CUDA one non-blocking copy from pinned
+    memory (x and y are views of it; the caching host allocator keeps the buffer until the copy is done)."""
 
     def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device, local_tokens: int,
                  seq_len: int):
         self.stream, self.rank, self.world_size, self.device = TokenStream(files), rank, world_size, device
         self.span, self.seq_len = local_tokens + 1, seq_len
-        cuda = device.type == "cuda"
-        self.pinned = [torch.empty(self.span, dtype=torch.int64, pin_memory=True) for _ in range(2)] if cuda else []
-        self.copied = [None, None]  # event recorded after the last copy out of each pinned buffer
-        self.slot = 0
-        self.staged = self._stage()
+        self.staged = self.stage()
 
-    def _stage(self) -> torch.Tensor:
+    def stage(self) -> Tensor:
         chunk = self.stream.take(self.span * self.world_size)[self.rank * self.span : (self.rank + 1) * self.span]
-        if not self.pinned:
-            return torch.from_numpy(chunk.astype(np.int64))
-        self.slot ^= 1
-        if self.copied[self.slot] is not None:
-            self.copied[self.slot].synchronize()
-        self.pinned[self.slot].numpy()[:] = chunk
-        tokens = self.pinned[self.slot].to(self.device, non_blocking=True)
-        self.copied[self.slot] = torch.cuda.Event()
-        self.copied[self.slot].record()
-        return tokens
+        tokens = torch.from_numpy(chunk.astype(np.int64))
+        return tokens.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else tokens
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, self.staged = self.staged, self._stage()
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        tokens, self.staged = self.staged, self.stage()
         return tokens[:-1].view(-1, self.seq_len), tokens[1:].view(-1, self.seq_len)
 
 
@@ -363,7 +318,7 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, source: str) -> None:
                          "(data from another tokenizer?)")
 
 
-def load_validation_tokens(files: list[str], seq_len: int, max_tokens: int) -> torch.Tensor:
+def load_validation_tokens(files: list[str], seq_len: int, max_tokens: int) -> Tensor:
     """Concatenated val shards, cut to a whole number of seq_len targets (+1 token for the last target)."""
     tokens = np.concatenate([load_data_shard(f) for f in files])
     if max_tokens:
@@ -378,12 +333,12 @@ def load_validation_tokens(files: list[str], seq_len: int, max_tokens: int) -> t
 # ---------------------------------------------------------------------------------------------------------------
 # Model
 
-def rms_norm(x: torch.Tensor) -> torch.Tensor:
+def rms_norm(x: Tensor) -> Tensor:
     """Parameter-free RMSNorm in the input's dtype (CUDA autocast computes rms_norm in fp32 since torch 2.12)."""
     return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
-def int6_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int6_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row int6 grid on [-32, 31]: scale = max(rowmax/31, 1/31) in fp16, q = round(w/scale) (float-valued)."""
     scale = (w.abs().amax(dim=-1, keepdim=True) / 31).clamp_min(1 / 31).half()
     return torch.clamp(torch.round(w / scale.float()), -32, 31), scale
@@ -398,7 +353,7 @@ class CastedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.zero_init = zero_init
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if CastedLinear.qat and self.training:
             q, scale = int6_rows(w.detach())
@@ -406,16 +361,16 @@ class CastedLinear(nn.Linear):
         return F.linear(x, w.to(x.dtype))
 
 
-def rope_inv_freq(seq_len: int, dims: int, base: float, train_seq_len: int) -> torch.Tensor:
+def rope_inv_freq(seq_len: int, dims: int, base: float, train_seq_len: int) -> Tensor:
     """Frequencies of the `dims` rotated dimensions. ROPE_BASE holds at the training length; longer eval lengths
-    get the NTK-scaled base (with 2 dims the one frequency is 1 whatever the base)."""
+    get the NTK-scaled base (2 dims have one frequency, 1, whatever the base)."""
     if seq_len > train_seq_len and dims > 2:
         base = base * (seq_len / train_seq_len) ** (dims / (dims - 2))
     return 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first 2 * cos.size(-1) dims (halves paired); the rest pass through."""
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first 2 * cos.size(-1) dims (their halves paired); the rest pass through."""
     dims = 2 * cos.size(-1)
     if dims < x.size(-1):
         return torch.cat((apply_rope(x[..., :dims], cos, sin), x[..., dims:]), dim=-1)
@@ -426,12 +381,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 USE_FA3 = False  # decided once at start-up by choose_attention
 
 
-def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def fa3_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     y = flash_attn_func(q, k, v, causal=True)
     return y[0] if isinstance(y, tuple) else y
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """(B, T, H, D) queries against (B, T, Hkv, D) keys/values."""
     if USE_FA3:
         return fa3_attention(q, k, v)
@@ -440,33 +395,26 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return y.transpose(1, 2)
 
 
-def probe_fa3(device: torch.device, compile: bool) -> str | None:
-    """A tiny GQA forward + backward through FlashAttention-3, compiled when the model will be (some FA3 builds
-    cannot be traced): None if it works, else the first line of the error."""
-    try:
-        q = torch.randn(1, 128, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
-        k, v = (torch.randn(1, 128, 1, 64, device=device, dtype=torch.bfloat16) for _ in range(2))
-        fn = torch.compile(fa3_attention, fullgraph=True, dynamic=False) if compile else fa3_attention
-        fn(q, k, v).float().sum().backward()
-        return None
-    except Exception as e:  # any failure means: do not use FA3
-        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-
-
 def choose_attention(mode: str, rt: SimpleNamespace) -> tuple[bool, str]:
-    """(use FA3, why) for ATTENTION=auto|fa3|sdpa; a forced but unusable FA3 is an input error."""
+    """(use FA3, why) for ATTENTION=auto|fa3|sdpa. FA3 must pass a tiny GQA forward + backward, compiled when the
+    model will be (some builds cannot be traced); a forced but unusable FA3 is an input error."""
     if mode == "sdpa":
         return False, "ATTENTION=sdpa"
-    reason = ("flash_attn_interface is not installed" if flash_attn_func is None else
-              "no CUDA device" if not rt.cuda else probe_fa3(rt.device, rt.compile))
-    if reason is None:
-        return True, "probe passed"
+    reason = "flash_attn_interface is not installed" if flash_attn_func is None else "no CUDA device"
+    if flash_attn_func is not None and rt.cuda:
+        try:
+            q = torch.randn(1, 128, 2, 64, device=rt.device, dtype=torch.bfloat16, requires_grad=True)
+            k, v = (torch.randn(1, 128, 1, 64, device=rt.device, dtype=torch.bfloat16) for _ in range(2))
+            maybe_compile(fa3_attention, rt)(q, k, v).float().sum().backward()
+            return True, "probe passed"
+        except Exception as e:
+            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
     if mode == "fa3":
         raise InputError(f"ATTENTION=fa3: FlashAttention-3 is unusable ({reason})")
     return False, reason
 
 
-def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     """XSA: drop from each head's output its component along the token's own (unit) value vector.
     y: (B, T, H, D), v: (B, T, Hkv, D); query head h belongs to KV head h // (H / Hkv)."""
     b, t, h, d = y.shape
@@ -485,14 +433,13 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         b, t, _ = x.shape
         q = self.c_q(x).view(b, t, self.num_heads, self.head_dim)
         k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
-        q = q * self.q_gain.to(q.dtype)[:, None]
-        y = causal_attention(q, k, v)
+        y = causal_attention(q * self.q_gain.to(q.dtype)[:, None], k, v)
         if self.xsa:
             y = exclude_self_value(y, v)
         return self.proj(y.reshape(b, t, -1))
@@ -504,7 +451,7 @@ class MLP(nn.Module):
         self.fc, self.proj = CastedLinear(dim, hidden), CastedLinear(hidden, dim, zero_init=True)
         self.neg_slope = neg_slope
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)
         return self.proj((F.leaky_relu(h, self.neg_slope) if self.neg_slope else F.relu(h)).square())
 
@@ -520,17 +467,17 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def norm(self, x: Tensor) -> Tensor:
+        return rms_norm(x) * self.ln_scale if self.ln_scale else rms_norm(x)
+
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), cos, sin)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
 
-    def norm(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x) * self.ln_scale if self.ln_scale else rms_norm(x)
 
-
-def bigram_buckets(ids: torch.Tensor, buckets: int) -> torch.Tensor:
+def bigram_buckets(ids: Tensor, buckets: int) -> Tensor:
     """Hash of (previous, current) token into buckets-1 slots; position 0 gets the reserved last bucket."""
     ids = ids.to(torch.int32)
     mixed = torch.bitwise_xor(36313 * ids[:, 1:], 27191 * ids[:, :-1]) % (buckets - 1)
@@ -546,7 +493,7 @@ class BigramHash(nn.Module):
         self.proj = CastedLinear(bigram_dim, dim)
         self.scale = nn.Parameter(torch.tensor(0.05))
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: Tensor) -> Tensor:
         h = self.proj(self.embed(bigram_buckets(ids, self.buckets)))
         return h * self.scale.to(h.dtype)
 
@@ -558,7 +505,7 @@ class SmearGate(nn.Module):
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         g = torch.sigmoid(self.gate.to(x.dtype))
         return (1 - g) * x + g * F.pad(x[:, :-1], (0, 0, 1, 0))
 
@@ -577,11 +524,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, hp, i) for i in range(layers))
         self.lm_head = None if hp.tie_embeddings else CastedLinear(dim, hp.vocab_size, zero_init=True)
         self.mtp_heads = nn.ModuleList(CastedLinear(dim, hp.vocab_size, zero_init=True) for _ in range(mtp_num_heads))
-        self._init_weights(hp)
-
-    def _init_weights(self, hp: SimpleNamespace) -> None:
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
-        out_scale = 1 / math.sqrt(2 * hp.num_layers)
         for name, m in self.named_modules():
             if not isinstance(m, CastedLinear):
                 continue
@@ -589,10 +532,10 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.weight)
             elif min(m.weight.shape) >= 64:
                 nn.init.orthogonal_(m.weight)
-                if name.endswith(".proj") or ".proj." in name:
-                    m.weight.data.mul_(out_scale)  # muP output scaling; in practice only bigram.proj
+                if name.endswith(".proj") or ".proj." in name:  # muP output scaling; in practice only bigram.proj
+                    m.weight.data.mul_(1 / math.sqrt(2 * layers))
 
-    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+    def hidden(self, ids: Tensor) -> Tensor:
         t = ids.size(1)
         freqs = torch.outer(torch.arange(t, device=ids.device, dtype=torch.float32),
                             rope_inv_freq(t, self.rope_dims, self.rope_base, self.train_seq_len).to(ids.device))
@@ -610,15 +553,15 @@ class GPT(nn.Module):
                 skips.append(x)
         return rms_norm(x)
 
-    def logits(self, x: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
+    def logits(self, x: Tensor, head: nn.Module | None = None) -> Tensor:
         head = head or self.lm_head
         raw = head(x) if head is not None else F.linear(x, self.tok_emb.weight.to(x.dtype))
         return self.softcap * torch.tanh(raw.float() / self.softcap)
 
-    def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward_logits(self, ids: Tensor) -> Tensor:
         return self.logits(self.hidden(ids))
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
         x = self.hidden(ids)
         loss = F.cross_entropy(self.logits(x).flatten(0, 1), targets.flatten())
         if len(self.mtp_heads):  # head k predicts the token k+1 places beyond the next one
@@ -656,14 +599,14 @@ def sliding_windows(total: int, window: int, stride: int) -> list[tuple[int, int
     return windows
 
 
-def rank_share(items: list, rank: int, world_size: int) -> list:
+def rank_share(items, rank: int, world_size: int):
     return items[len(items) * rank // world_size : len(items) * (rank + 1) // world_size]
 
 
-def score_windows(logits_fn, val: torch.Tensor, luts, windows: list[tuple[int, int]], window: int,
-                  batch_windows: int, sums: torch.Tensor) -> None:
-    """Adds the summed NLL, count and bytes of the targets these windows score to `sums` (float64, on the device).
-    Batches always hold batch_windows windows (padding windows score nothing), so every batch has one shape."""
+def score_windows(logits_fn, val: Tensor, luts, windows: list[tuple[int, int]], window: int, batch_windows: int,
+                  sums: Tensor) -> None:
+    """Adds the NLL, count and bytes of the targets these windows score to `sums` (float64, on the device). Every
+    batch holds batch_windows windows (padding windows score nothing), so every batch has the same shape."""
     if not windows:
         return
     windows = windows + [(windows[-1][0], window)] * (-len(windows) % batch_windows)
@@ -681,7 +624,7 @@ def score_windows(logits_fn, val: torch.Tensor, luts, windows: list[tuple[int, i
         sums[2] += (target_bytes(x, y, luts) * scored).sum()
 
 
-def metrics(sums: torch.Tensor, world_size: int) -> tuple[float, float, int, int]:
+def metrics(sums: Tensor, world_size: int) -> tuple[float, float, int, int]:
     """(val_loss nats/token, val_bpb, scored tokens, scored bytes), summed over all ranks."""
     if world_size > 1:
         dist.all_reduce(sums)
@@ -689,18 +632,18 @@ def metrics(sums: torch.Tensor, world_size: int) -> tuple[float, float, int, int
     return loss / tokens, loss / tokens / math.log(2) * tokens / nbytes, int(tokens), int(nbytes)
 
 
-def on_device(val_tokens: torch.Tensor, luts, device: torch.device):
-    return val_tokens.to(device, torch.int32), [t.to(device) for t in luts]  # int32: half the memory
+def on_device(val_tokens: Tensor, luts, device: torch.device):
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
+    return val_tokens.to(device, torch.int32), [t.to(device) for t in luts], sums  # int32: half the memory
 
 
-def evaluate(logits_fn, val_tokens: torch.Tensor, luts, window: int, stride: int, batch_windows: int,
-             rank: int, world_size: int, device: torch.device) -> tuple[float, float, int, int]:
+def evaluate(logits_fn, val_tokens: Tensor, luts, window: int, stride: int, batch_windows: int, rank: int,
+             world_size: int, device: torch.device) -> tuple[float, float, int, int]:
     total = len(val_tokens) - 1
     window = min(window, total)
-    val, luts = on_device(val_tokens, luts, device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
-    score_windows(logits_fn, val, luts, rank_share(sliding_windows(total, window, stride), rank, world_size),
-                  window, batch_windows, sums)
+    val, luts, sums = on_device(val_tokens, luts, device)
+    windows = rank_share(sliding_windows(total, window, stride), rank, world_size)
+    score_windows(logits_fn, val, luts, windows, window, batch_windows, sums)
     return metrics(sums, world_size)
 
 
@@ -708,8 +651,8 @@ def autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def ttt_train_chunk(model: nn.Module, optimizer: torch.optim.Optimizer, val: torch.Tensor, starts: torch.Tensor,
-                    seq_len: int, num_seqs: int, epochs: int, world_size: int) -> None:
+def ttt_train_chunk(model: nn.Module, optimizer: torch.optim.Optimizer, val: Tensor, starts: Tensor, seq_len: int,
+                    num_seqs: int, epochs: int, world_size: int) -> None:
     """`epochs` SGD steps on this rank's sequences val[s : s + seq_len + 1] of an already scored chunk; gradients
     summed over ranks and divided by the chunk's sequence count, so any split over ranks takes the same step."""
     tokens = val[starts[:, None] + torch.arange(seq_len + 1, device=val.device)].long()
@@ -717,8 +660,7 @@ def ttt_train_chunk(model: nn.Module, optimizer: torch.optim.Optimizer, val: tor
     for _ in range(epochs):
         if len(tokens):
             with autocast(val.device):
-                loss = model(tokens[:, :-1], tokens[:, 1:]) * len(tokens) / num_seqs
-            loss.backward()
+                (model(tokens[:, :-1], tokens[:, 1:]) * len(tokens) / num_seqs).backward()
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -729,32 +671,31 @@ def ttt_train_chunk(model: nn.Module, optimizer: torch.optim.Optimizer, val: tor
         optimizer.zero_grad(set_to_none=True)
 
 
-def ttt_evaluate(model: GPT, logits_fn, train_fn, val_tokens: torch.Tensor, luts, hp: SimpleNamespace,
+def ttt_evaluate(model: GPT, logits_fn, train_fn, val_tokens: Tensor, luts, hp: SimpleNamespace,
                  rt: SimpleNamespace, batch_windows: int, log) -> tuple[float, float, int, int]:
-    """Legal score-first test-time training over the sliding-window plan: the windows are grouped into chunks of
-    TTT_CHUNK_TOKENS targets by their first scored target; each chunk is scored under inference mode, then (but
-    for the last) its targets, all scored by now, train the model. No target is scored by weights that saw it."""
+    """Legal score-first test-time training over the sliding-window plan: windows are grouped into chunks of
+    TTT_CHUNK_TOKENS targets by their first scored target; each chunk is scored under inference mode, then (all
+    but the last) trains the model on its targets, all scored by then. No target is scored by weights that saw it."""
     total = len(val_tokens) - 1
     window, chunk = min(hp.eval_len, total), hp.ttt_chunk_tokens
     chunks = [[] for _ in range((total + chunk - 1) // chunk)]
     for start, first in sliding_windows(total, window, hp.eval_stride if 0 < hp.eval_stride < window else window):
         chunks[(start + first) // chunk].append((start, first))
-    val, luts = on_device(val_tokens, luts, rt.device)
-    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    val, luts, sums = on_device(val_tokens, luts, rt.device)
     for i, block in enumerate(model.blocks):
         block.requires_grad_(i >= hp.ttt_freeze_blocks)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
     log(f"ttt:start chunks:{len(chunks)} chunk_tokens:{chunk} epochs:{hp.ttt_epochs} lr:{hp.ttt_lr} "
         f"trainable_params:{sum(p.numel() for p in params)} frozen_blocks:{hp.ttt_freeze_blocks}")
-    train_s, trained, stopped = 0.0, 0, None
+    train_s, trained, stopped = 0.0, 0, False
     for c, windows in enumerate(chunks):
         model.eval()
         score_windows(logits_fn, val, luts, rank_share(windows, rt.rank, rt.world_size), window, batch_windows, sums)
-        if c == len(chunks) - 1 or stopped is not None:
+        if c == len(chunks) - 1 or stopped:
             continue
         if hp.ttt_max_seconds > 0 and trained and train_s * (trained + 1) / trained > hp.ttt_max_seconds:
-            stopped = c
+            stopped = True
             log(f"ttt:updates_stopped at_chunk:{c} reason:TTT_MAX_SECONDS={hp.ttt_max_seconds:g} (chunks {c + 1}.."
                 f"{len(chunks) - 1} are scored by the weights adapted on chunks 0..{c - 1})")
             continue
@@ -767,15 +708,14 @@ def ttt_evaluate(model: GPT, logits_fn, train_fn, val_tokens: torch.Tensor, luts
         train_fn(model, optimizer, val, rank_share(seqs, rt.rank, rt.world_size), hp.train_seq_len, len(seqs),
                  hp.ttt_epochs, rt.world_size)
         sync(rt)
-        train_s += time.perf_counter() - t0
-        trained += 1
+        train_s, trained = train_s + time.perf_counter() - t0, trained + 1
     return metrics(sums, rt.world_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Quantisation and the artifact: int6 rows for block matrices, int8 rows for embeddings, fp16 for small tensors
 
-def quant_route(name: str, t: torch.Tensor, control_patterns: tuple[str, ...]) -> str:
+def quant_route(name: str, t: Tensor, control_patterns: tuple[str, ...]) -> str:
     if not t.is_floating_point() or t.numel() <= 65536:
         return "passthrough"
     if any(p in name for p in control_patterns):
@@ -785,47 +725,45 @@ def quant_route(name: str, t: torch.Tensor, control_patterns: tuple[str, ...]) -
     return "int6" if ".mlp." in name or ".attn." in name or ".proj." in name else "int8"
 
 
-def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     clip = torch.quantile(w.abs(), 0.9999984, dim=-1, keepdim=True)
     scale = (clip / 127).clamp_min(1 / 127).half()
     return torch.clamp(torch.round(w.clamp(-clip, clip) / scale.float()), -127, 127), scale
 
 
-CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # of |w| per row, the GPTQ-lite candidates
+CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # of |w| per row: the GPTQ-lite candidates
 
 
-def clipsearch_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int6 grid [-31, 31]; each row's clip is the candidate quantile of |w| with the least squared
-    reconstruction error of that row (per row, hence also the least error of the whole matrix)."""
+def clipsearch_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int6 grid [-31, 31]; each row clips at the candidate quantile of |w| that reconstructs it with the
+    least squared error (chosen per row, which also minimises the whole matrix's error)."""
     best = None
     for p in CLIP_QUANTILES:
         clip = w.abs().amax(-1, keepdim=True) if p == 1.0 else torch.quantile(w.abs(), p, dim=-1, keepdim=True)
         scale = (clip / 31).clamp_min(1 / 31).half()
         q = torch.clamp(torch.round(w / scale.float()), -31, 31)
         err = (w - q * scale.float()).square().sum(-1, keepdim=True)
-        if best is None:
-            best = [q, scale, err]
-        else:
+        if best is not None:
             take = err < best[2]
-            best = [torch.where(take, q, best[0]), torch.where(take, scale, best[1]), torch.minimum(err, best[2])]
+            q, scale, err = torch.where(take, q, best[0]), torch.where(take, scale, best[1]), torch.minimum(err, best[2])
+        best = q, scale, err
     return best[0], best[1]
 
 
-def gptq_rows(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor | None:
-    """GPTQ on the int6 grid [-31, 31] with fixed per-row scales: columns in order of decreasing H_jj, each
-    column's rounding error spread over the columns not yet quantised through the upper Cholesky factor of H^-1,
-    which minimises the output error tr((W - Q) H (W - Q)^T) one column at a time. None if H is not positive
-    definite after damping."""
+def gptq_rows(w: Tensor, h: Tensor, scale: Tensor, block: int = 128) -> Tensor | None:
+    """GPTQ on the int6 grid [-31, 31] with fixed row scales: columns in order of decreasing H_jj, each one's
+    rounding error spread over the columns not yet quantised through the upper Cholesky factor of H^-1, which
+    lowers the output error tr((W - Q) H (W - Q)^T). None if H is not positive definite even after damping."""
     w, h, s = w.float().clone(), h.float().clone(), scale.float()
-    dead = h.diagonal() == 0  # inputs never active in calibration: their weights cannot change the output
+    dead = h.diagonal() == 0  # inputs never active in calibration
     h[dead, dead] = 1
     w[:, dead] = 0
     h.diagonal().add_(0.01 * h.diagonal().mean())
     order = torch.argsort(h.diagonal(), descending=True, stable=True)
     w, h = w[:, order], h[order][:, order]
-    chol, info = torch.linalg.cholesky_ex(h)
+    u, info = torch.linalg.cholesky_ex(h)
     if info == 0:
-        u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+        u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(u), upper=True)
     if info != 0 or not torch.isfinite(u).all():
         return None
     q = torch.empty_like(w)
@@ -841,12 +779,12 @@ def gptq_rows(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, block: int 
 
 
 def hessian_key(name: str) -> str:
-    """q, k and v read the same input: their Hessians are one."""
+    """q, k and v read the same input: one Hessian."""
     return name.replace(".attn.c_k.", ".attn.c_q.").replace(".attn.c_v.", ".attn.c_q.")
 
 
-def quantize_state_dict(state: dict[str, torch.Tensor], control_patterns: tuple[str, ...], method: str = "rowmax",
-                        hessians: dict[str, torch.Tensor] | None = None):
+def quantize_state_dict(state: dict[str, Tensor], control_patterns: tuple[str, ...], method: str = "rowmax",
+                        hessians: dict[str, Tensor] | None = None):
     """Returns ({stored tensors}, {name: route}, {route: [rows, floored rows, clipped values, values, squared
     error]}, [int6 matrices where GPTQ fell back to clipsearch])."""
     tensors, meta, stats, fallbacks = {}, {}, {}, []
@@ -858,18 +796,11 @@ def quantize_state_dict(state: dict[str, torch.Tensor], control_patterns: tuple[
             tensors[name] = t.float()
         else:
             w = t.float()
-            if route == "int8":
-                q, scale = int8_rows(w)
-            elif method == "rowmax":
-                q, scale = int6_rows(w)
-            else:
-                q, scale = clipsearch_rows(w)
-                if method == "gptq":
-                    g = gptq_rows(w, hessians[hessian_key(name)], scale)
-                    if g is None:
-                        fallbacks.append(name)
-                    else:
-                        q = g
+            q, scale = int8_rows(w) if route == "int8" else int6_rows(w) if method == "rowmax" else clipsearch_rows(w)
+            if route == "int6" and method == "gptq":
+                g = gptq_rows(w, hessians[hessian_key(name)], scale)
+                q = q if g is None else g
+                fallbacks += [name] if g is None else []
             tensors[name + ".q"], tensors[name + ".scale"] = q.to(torch.int8).contiguous(), scale
             top = 127 if route == "int8" else 31
             s = stats.setdefault(route, [0, 0, 0, 0, 0.0])
@@ -881,7 +812,7 @@ def quantize_state_dict(state: dict[str, torch.Tensor], control_patterns: tuple[
     return tensors, meta, stats, fallbacks
 
 
-def dequantize_state_dict(tensors: dict, meta: dict, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def dequantize_state_dict(tensors: dict, meta: dict, reference: dict[str, Tensor]) -> dict[str, Tensor]:
     def mismatch(what: str):
         return InputError(f"artifact does not match the model configuration ({what}); "
                           "set the same model env vars as the training run")
@@ -908,22 +839,35 @@ def compressor():
     return zstandard
 
 
-def pack_artifact(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
+def pack_artifact(tensors: dict[str, Tensor], meta: dict[str, str]) -> bytes:
     buf = io.BytesIO()
     torch.save({"w": {k: v.cpu() for k, v in tensors.items()}, "m": meta}, buf)
     return compressor().ZstdCompressor(level=22).compress(buf.getvalue())
 
 
-def unpack_artifact(blob: bytes, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unpack_artifact(blob: bytes, reference: dict[str, Tensor]) -> dict[str, Tensor]:
     payload = torch.load(io.BytesIO(compressor().ZstdDecompressor().decompress(blob)), map_location="cpu")
     return dequantize_state_dict(payload["w"], payload["m"], reference)
+
+
+def read_artifact(path: str, reference: dict[str, Tensor]) -> dict[str, Tensor]:
+    """EVAL_ONLY's artifact, dequantised; an unreadable one is an input error naming the file."""
+    if not os.path.isfile(path):
+        raise InputError(f"EVAL_ONLY={path}: no such artifact file")
+    try:
+        return unpack_artifact(Path(path).read_bytes(), reference)
+    except InputError:
+        raise
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise InputError(f"EVAL_ONLY={path}: not a valid int6+zstd artifact ({type(e).__name__}: {reason})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 
 def train_cap_ms(hp: SimpleNamespace) -> float:
-    """Wall-clock budget of the training loop: the cap less the GPTQ calibration reserve (0 = no cap)."""
+    """The training loop's wall-clock budget: the cap less GPTQ's calibration reserve (0 = no cap)."""
     if hp.max_wallclock_seconds <= 0:
         return 0.0
     return 1000 * (hp.max_wallclock_seconds - (hp.gptq_reserve_seconds if hp.quant_method == "gptq" else 0.0))
@@ -969,25 +913,22 @@ def build_optimizers(model: GPT, hp: SimpleNamespace, orthogonalize, fused: bool
 
 class WeightAverage:
     """fp32 average of every state-dict tensor, in accumulators of its own on the model's device (never views of
-    the weights it averages): uniform over the snapshots taken (SWA), or exponential from the weights it starts
-    with (EMA: ema <- d * ema + (1 - d) * w after every step)."""
+    the weights): uniform over the snapshots taken (SWA), or exponential from the weights it starts from (EMA,
+    ema <- d * ema + (1 - d) * w after every step)."""
 
     def __init__(self, model: nn.Module, decay: float = 0.0):
         self.decay, self.count, self.live = decay, 0, model.state_dict()
-        self.acc = {k: v.float().clone() if decay else torch.zeros(v.shape, device=v.device)
-                    for k, v in self.live.items()}
+        self.acc = {k: v.float().clone() if decay else torch.zeros(v.shape, device=v.device) for k, v in self.live.items()}
 
     @torch.no_grad()
     def update(self) -> None:
         acc, live = list(self.acc.values()), [v.float() for v in self.live.values()]
         if self.decay:
             torch._foreach_mul_(acc, self.decay)
-            torch._foreach_add_(acc, live, alpha=1 - self.decay)
-        else:
-            torch._foreach_add_(acc, live)
+        torch._foreach_add_(acc, live, alpha=1 - self.decay if self.decay else 1)
         self.count += 1
 
-    def averaged(self) -> dict[str, torch.Tensor]:
+    def averaged(self) -> dict[str, Tensor]:
         return {k: (a if self.decay else a / self.count).to(self.live[k].dtype) for k, a in self.acc.items()}
 
 
@@ -997,8 +938,7 @@ class CapVote:
     just queued, and training stops at most one step (the one in flight) after the cap."""
 
     def __init__(self, rt: SimpleNamespace):
-        self.rt, self.pending, self.slot = rt, None, 0
-        self.host = [torch.zeros((), pin_memory=True) for _ in range(2)] if rt.cuda else []
+        self.rt, self.pending = rt, None
 
     def __call__(self, reached: bool) -> bool:
         flag = torch.full((), float(reached), device=self.rt.device)
@@ -1006,11 +946,9 @@ class CapVote:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if not self.rt.cuda:
             return bool(flag.item())
-        self.slot ^= 1
-        self.host[self.slot].copy_(flag, non_blocking=True)
         event = torch.cuda.Event()
+        previous, self.pending = self.pending, (torch.empty((), pin_memory=True).copy_(flag, non_blocking=True), event)
         event.record()
-        previous, self.pending = self.pending, (self.host[self.slot], event)
         if previous is None:
             return False
         previous[1].synchronize()
@@ -1018,19 +956,16 @@ class CapVote:
 
 
 def collect_hessians(model: GPT, names: list[str], train_files: list[str], hp: SimpleNamespace,
-                     rt: SimpleNamespace) -> dict[str, torch.Tensor]:
-    """H = sum of x x^T over the inputs x of each named matrix (q, k, v share one), from GPTQ_CALIB_SEQS sequences
-    at the start of the training stream, split across ranks and summed over them."""
-    keys = sorted({hessian_key(n) for n in names})
-    hessians = {}
+                     rt: SimpleNamespace) -> dict[str, Tensor]:
+    """H = sum of x x^T over the inputs x of each named matrix (q, k and v share one), from GPTQ_CALIB_SEQS
+    sequences at the start of the training stream, split across ranks and summed over them."""
+    keys, hessians = sorted({hessian_key(n) for n in names}), {}
 
     def accumulate(key: str):
         def hook(module, inputs, output):
             x = inputs[0].detach().flatten(0, -2).float()
             with torch.autocast(x.device.type, enabled=False):
-                if key not in hessians:
-                    hessians[key] = torch.zeros(x.size(1), x.size(1), device=x.device)
-                hessians[key].addmm_(x.T, x)
+                hessians.setdefault(key, torch.zeros(x.size(1), x.size(1), device=x.device)).addmm_(x.T, x)
         return hook
 
     handles = [m.register_forward_hook(accumulate(n + ".weight")) for n, m in model.named_modules()
@@ -1044,9 +979,8 @@ def collect_hessians(model: GPT, names: list[str], train_files: list[str], hp: S
     for handle in handles:
         handle.remove()
     for key in keys:
-        if key not in hessians:  # a rank without calibration sequences still takes part in the sum
-            n = model.get_parameter(key).size(1)
-            hessians[key] = torch.zeros(n, n, device=rt.device)
+        n = model.get_parameter(key).size(1)
+        hessians.setdefault(key, torch.zeros(n, n, device=rt.device))  # a rank without sequences adds zeros
         if rt.distributed:
             dist.all_reduce(hessians[key])
     return hessians
@@ -1056,8 +990,7 @@ class Logger:
     """Rank 0 prints every line and appends it to logs/<RUN_ID>.txt, which opens with the script's source."""
 
     def __init__(self, run_id: str, enabled: bool, code: bytes):
-        self.path = Path("logs") / f"{run_id}.txt"
-        self.enabled = enabled
+        self.path, self.enabled = Path("logs") / f"{run_id}.txt", enabled
         if enabled:
             self.path.parent.mkdir(exist_ok=True)
             print(self.path, flush=True)
@@ -1086,10 +1019,10 @@ def runtime(hp: SimpleNamespace) -> SimpleNamespace:
     local_tokens = hp.train_batch_tokens // (world_size * grad_accum)
     if local_tokens * world_size * grad_accum != hp.train_batch_tokens or local_tokens % hp.train_seq_len:
         unit = world_size * grad_accum * hp.train_seq_len
-        nearest = [n for n in (hp.train_batch_tokens // unit * unit, (hp.train_batch_tokens // unit + 1) * unit) if n]
+        nearest = [str(n) for n in (hp.train_batch_tokens // unit * unit, (hp.train_batch_tokens // unit + 1) * unit) if n]
         raise InputError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must split into {world_size} ranks x "
                          f"{grad_accum} micro-steps of whole TRAIN_SEQ_LEN={hp.train_seq_len} sequences "
-                         f"(nearest valid: {' or '.join(map(str, nearest))})")
+                         f"(nearest valid: {' or '.join(nearest)})")
     cuda = torch.cuda.is_available()
     return SimpleNamespace(
         distributed=distributed, rank=int(os.environ["RANK"]) if distributed else 0, world_size=world_size,
@@ -1108,33 +1041,10 @@ def sync(rt: SimpleNamespace) -> None:
         torch.cuda.synchronize()
 
 
-def misspelt(env) -> list[str]:
-    """A warning for every env var that is not a hyperparameter but is close to one."""
-    warnings = []
-    for name in sorted(env):
-        close = [] if name in HPARAM_NAMES else difflib.get_close_matches(name, HPARAM_NAMES, n=1, cutoff=0.88)
-        if close:
-            warnings.append(f"warning: {name} is not a hyperparameter; did you mean {close[0]}?")
-    return warnings
-
-
-def read_artifact(path: str, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise InputError(f"EVAL_ONLY={path}: no such artifact file")
-    try:
-        return unpack_artifact(Path(path).read_bytes(), reference)
-    except InputError:
-        raise
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise InputError(f"EVAL_ONLY={path}: not a valid int6+zstd artifact ({type(e).__name__}: {reason})") from None
-
-
 def main() -> int:
     warnings = misspelt(os.environ)
-    if int(os.environ.get("RANK", 0)) == 0:
-        for line in warnings:
-            print(line, file=sys.stderr, flush=True)
+    for line in warnings if int(os.environ.get("RANK", 0)) == 0 else []:
+        print(line, file=sys.stderr, flush=True)
     hp = read_hyperparameters(os.environ)
     rt = runtime(hp)
     compressor()
@@ -1189,9 +1099,9 @@ def main() -> int:
     CastedLinear.qat = hp.qat_enabled  # fixed for the whole run, so torch.compile may fold it
 
     progress = SimpleNamespace(step=0, train_ms=0.0, artifact=None)
-    signal.signal(signal.SIGTERM, interrupt)  # torchrun's way to stop workers after a Ctrl-C
+    signal.signal(signal.SIGTERM, interrupt)  # how torchrun stops its workers after a Ctrl-C
     try:
-        code_status = run(hp, rt, log, code, val_tokens, luts, train_files, artifact_state, progress)
+        status = run(hp, rt, log, code, val_tokens, luts, train_files, artifact_state, progress)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -1203,80 +1113,81 @@ def main() -> int:
             print(message, file=sys.stderr, flush=True)
         return 130
     if rt.distributed:
+        dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
-    return code_status
+    return status
 
 
 def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, val_tokens: torch.Tensor, luts,
+def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, val_tokens: Tensor, luts,
         train_files: list[str], artifact_state: dict | None, progress: SimpleNamespace) -> int:
-    """Train, calibrate, export, evaluate, summarise; returns the exit status (1 = over the size or a budget)."""
+    """Train, calibrate, export, evaluate and summarise; returns the exit status (1: over the size or a budget)."""
+    bpb, ms, failed = {}, {}, []  # val_bpb by stage, post-training time by part, budgets exceeded
+
+    def batch_windows(window: int) -> int:
+        return max(1, hp.val_batch_size // (rt.world_size * rt.grad_accum) // window)
 
     def run_eval(logits_fn, window: int, stride: int):
         return evaluate(logits_fn, val_tokens, luts, window, stride, batch_windows(window), rt.rank, rt.world_size,
                         rt.device)
 
-    def batch_windows(window: int) -> int:
-        return max(1, hp.val_batch_size // (rt.world_size * rt.grad_accum) // window)
+    def timed(part: str, fn, *args):
+        sync(rt)
+        t0 = time.perf_counter()
+        out = fn(*args)
+        sync(rt)
+        ms[part] = 1000 * (time.perf_counter() - t0)
+        return out
 
-    subset = " subset" if hp.val_max_tokens else ""
-    bpb, eval_ms, failed = {}, {}, []
-    train_ms = calib_ms = 0.0
-    post_start = time.perf_counter()
+    artifact, train_ms, subset = hp.eval_only or ARTIFACT_PATH, 0.0, " subset" if hp.val_max_tokens else ""
     if hp.eval_only:
-        log(f"eval_only:{hp.eval_only}")
-        artifact = hp.eval_only
+        log(f"eval_only:{artifact}")
     else:
-        artifact = ARTIFACT_PATH
         if rt.rank == 0 and os.path.exists(artifact):
             os.remove(artifact)
             log(f"artifact:removed the {artifact} of an earlier run")
         model, trained = train(hp, rt, log, run_eval, train_files, progress)
         train_ms, bpb["pre_quant"] = trained.train_ms, trained.val_bpb
         state = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith("mtp_heads.")}
-        gptq = hp.quant_method == "gptq"
-        post_start = time.perf_counter()  # GPTQ calibration reads training data: training budget, not export
-        hessians = collect_hessians(model, [k for k, v in state.items() if quant_route(k, v, hp.control_patterns)
-                                            == "int6"], train_files, hp, rt) if gptq else None
-        if rt.rank == 0:
-            tensors, meta, stats, fallbacks = quantize_state_dict(state, hp.control_patterns, hp.quant_method, hessians)
-        if gptq:
-            sync(rt)
-            calib_ms = 1000 * (time.perf_counter() - post_start)
-            limit_ms = 1000 * hp.max_wallclock_seconds
-            log(f"gptq:budget train_ms:{train_ms:.0f} calib_ms:{calib_ms:.0f} total_ms:{train_ms + calib_ms:.0f} "
-                f"limit_ms:{limit_ms:.0f}")
-            if limit_ms and train_ms + calib_ms > limit_ms:
-                log(f"budget:exceeded training total_ms:{train_ms + calib_ms:.0f} limit_ms:{limit_ms:.0f} "
-                    "(raise GPTQ_RESERVE_SECONDS)")
+
+        def quantize():  # rank 0 alone writes the artifact
+            names = [k for k, v in state.items() if quant_route(k, v, hp.control_patterns) == "int6"]
+            hessians = collect_hessians(model, names, train_files, hp, rt) if hp.quant_method == "gptq" else None
+            return quantize_state_dict(state, hp.control_patterns, hp.quant_method, hessians) if rt.rank == 0 else None
+
+        quantized = timed("calibration", quantize) if hp.quant_method == "gptq" else None
+        if "calibration" in ms:  # GPTQ reads training data: its time belongs to the training budget
+            total, limit = train_ms + ms["calibration"], 1000 * hp.max_wallclock_seconds
+            log(f"gptq:budget train_ms:{train_ms:.0f} calib_ms:{ms['calibration']:.0f} total_ms:{total:.0f} "
+                f"limit_ms:{limit:.0f}")
+            if limit and total > limit:
+                log(f"budget:exceeded training total_ms:{total:.0f} limit_ms:{limit:.0f} (raise GPTQ_RESERVE_SECONDS)")
                 failed.append("training")
-            post_start = time.perf_counter()
+    post_start = time.perf_counter()
+    if not hp.eval_only:
         if trained.averaged:
-            sync(rt)
-            t0 = time.perf_counter()
-            loss, bpb["averaged"], _, _ = run_eval(trained.val_logits, hp.train_seq_len, hp.train_seq_len)
-            sync(rt)
-            eval_ms["averaged"] = 1000 * (time.perf_counter() - t0)
-            log(f"averaged val_loss:{loss:.4f} val_bpb:{bpb['averaged']:.4f} eval_time:{eval_ms['averaged']:.0f}ms "
+            loss, bpb["averaged"], _, _ = timed("averaged", run_eval, trained.val_logits, hp.train_seq_len,
+                                                hp.train_seq_len)
+            log(f"averaged val_loss:{loss:.4f} val_bpb:{bpb['averaged']:.4f} eval_time:{ms['averaged']:.0f}ms "
                 "(the weights to export, before quantisation)")
+        t0 = time.perf_counter()
         if rt.rank == 0:
+            tensors, meta, stats, fallbacks = quantized or quantize()
             for name in fallbacks:
                 log(f"gptq:fallback {name} reason:Hessian not positive definite, used clipsearch")
             for route, (rows, floor, clipped, n, sq) in sorted(stats.items()):
-                method = hp.quant_method if route == "int6" else "rowclip"
-                log(f"quant:{route} method:{method} rows:{rows} scale_floor_rows:{floor} clipped:{clipped / n:.6f} "
-                    f"weight_mse:{sq / n:.4e}")
+                log(f"quant:{route} method:{hp.quant_method if route == 'int6' else 'rowclip'} rows:{rows} "
+                    f"scale_floor_rows:{floor} clipped:{clipped / n:.6f} weight_mse:{sq / n:.4e}")
             tmp = Path(artifact + ".tmp")
             tmp.write_bytes(pack_artifact(tensors, meta))
             tmp.replace(artifact)
         if rt.distributed:
             dist.barrier()
-        progress.artifact = artifact
-        eval_ms["export"] = 1000 * (time.perf_counter() - post_start) - eval_ms.get("averaged", 0.0)
-        log(f"export_time:{eval_ms['export']:.0f}ms")
+        progress.artifact, ms["export"] = artifact, 1000 * (time.perf_counter() - t0)
+        log(f"export_time:{ms['export']:.0f}ms")
 
     blob = Path(artifact).read_bytes()
     total_bytes = len(blob) + len(code)
@@ -1292,48 +1203,44 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, val_
     eval_model.load_state_dict(artifact_state or unpack_artifact(blob, eval_model.state_dict()), strict=True)
     eval_model.eval()
     logits_fn = maybe_compile(eval_model.forward_logits, rt)
-    finals = [("roundtrip", "final_int6_roundtrip", hp.eval_len)]
-    if 0 < hp.eval_stride < hp.eval_len:
-        finals.append(("sliding", "final_int6_sliding_window", hp.eval_stride))
-    if hp.ttt_enabled:
-        finals.append(("ttt", "final_int6_ttt", finals[-1][2]))
-    for key, label, stride in finals:
-        sync(rt)
-        t0 = time.perf_counter()
+    stride = hp.eval_stride if 0 < hp.eval_stride < hp.eval_len else hp.eval_len
+    finals = [("roundtrip", "final_int6_roundtrip", hp.eval_len)] + [("sliding", "final_int6_sliding_window", stride)] * (
+        stride < hp.eval_len) + [("ttt", "final_int6_ttt", stride)] * hp.ttt_enabled
+    for key, label, s in finals:
         if key == "ttt":
-            loss, bpb[key], tokens, nbytes = ttt_evaluate(maybe_compile(eval_model, rt), logits_fn, ttt_train_chunk,
-                                                          val_tokens, luts, hp, rt, batch_windows(hp.eval_len), log)
+            out = timed(key, ttt_evaluate, maybe_compile(eval_model, rt), logits_fn, ttt_train_chunk, val_tokens, luts,
+                        hp, rt, batch_windows(hp.eval_len), log)
         else:
-            loss, bpb[key], tokens, nbytes = run_eval(logits_fn, hp.eval_len, stride)
-        sync(rt)
-        eval_ms[key] = 1000 * (time.perf_counter() - t0)
-        extra = (f" stride:{stride}" if stride < hp.eval_len else "") + (
-            f" chunk_tokens:{hp.ttt_chunk_tokens}" if key == "ttt" else "")
-        log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb[key]:.4f}{extra} eval_time:{eval_ms[key]:.0f}ms{subset}")
+            out = timed(key, run_eval, logits_fn, hp.eval_len, s)
+        loss, bpb[key], tokens, nbytes = out
+        extra = (f" stride:{s}" if s < hp.eval_len else "") + (f" chunk_tokens:{hp.ttt_chunk_tokens}" if key == "ttt" else "")
+        log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb[key]:.4f}{extra} eval_time:{ms[key]:.0f}ms{subset}")
         log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb[key]:.8f} tokens:{tokens} bytes:{nbytes}{subset}")
     if hp.ttt_enabled:
-        log(f"ttt_time:{eval_ms['ttt']:.0f}ms")
+        log(f"ttt_time:{ms['ttt']:.0f}ms")
     post_ms = 1000 * (time.perf_counter() - post_start)
     log(f"post_training_time:{post_ms:.0f}ms")
 
-    def verdict(ok: bool) -> str:
-        return "ok" if ok else "exceeded"
+    on_8_gpus = rt.cuda and rt.world_size == 8
+    if on_8_gpus and post_ms > EVAL_LIMIT_MS:
+        log(f"budget:exceeded evaluation total_ms:{post_ms:.0f} limit_ms:{EVAL_LIMIT_MS:.0f}")
+        failed.append("evaluation")
+
+    def verdict(budget: str) -> str:
+        return "exceeded" if budget in failed else "ok"
 
     if not hp.eval_only:
         log(f"summary: steps:{progress.step} train_time:{train_ms:.0f}ms stop:{trained.stop}")
     log("summary: val_bpb " + " ".join(f"{k}:{v:.4f}" for k, v in bpb.items() if v is not None) + subset)
     log(f"summary: bytes model:{len(blob)} code:{len(code)} total:{total_bytes} limit:{SIZE_LIMIT_BYTES} "
-        f"{verdict('size' not in failed)}")
+        + verdict("size"))
     if not hp.eval_only and hp.max_wallclock_seconds > 0:
-        log(f"summary: budget training:{train_ms + calib_ms:.0f}ms = train {train_ms:.0f} + calibration {calib_ms:.0f}, "
-            f"limit:{1000 * hp.max_wallclock_seconds:.0f}ms {verdict('training' not in failed)}")
-    on_8_gpus = rt.cuda and rt.world_size == 8
-    if on_8_gpus and post_ms > EVAL_LIMIT_MS:
-        log(f"budget:exceeded evaluation total_ms:{post_ms:.0f} limit_ms:{EVAL_LIMIT_MS:.0f}")
-        failed.append("evaluation")
-    parts = " + ".join(f"{k} {v:.0f}" for k, v in eval_ms.items())
+        log(f"summary: budget training:{train_ms + ms.get('calibration', 0.0):.0f}ms = train {train_ms:.0f} + "
+            f"calibration {ms.get('calibration', 0.0):.0f}, limit:{1000 * hp.max_wallclock_seconds:.0f}ms "
+            + verdict("training"))
+    parts = " + ".join(f"{k} {v:.0f}" for k, v in ms.items() if k != "calibration")
     log(f"summary: budget evaluation:{post_ms:.0f}ms = {parts}, limit:{EVAL_LIMIT_MS:.0f}ms on 8 GPUs "
-        + (verdict("evaluation" not in failed) if on_8_gpus else f"unchecked (this run: {rt.world_size}x {rt.device.type})"))
+        + (verdict("evaluation") if on_8_gpus else f"unchecked (this run: {rt.world_size}x {rt.device.type})"))
     return 1 if failed else 0
 
 
@@ -1359,7 +1266,7 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, run_eval, train
     def new_loader() -> DistributedTokenLoader:
         return DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device, rt.local_tokens, hp.train_seq_len)
 
-    def train_step(loader: DistributedTokenLoader, step: int, lr_scale: float) -> torch.Tensor:
+    def train_step(loader: DistributedTokenLoader, step: int, lr_scale: float) -> Tensor:
         total = torch.zeros((), device=rt.device)
         for micro in range(rt.grad_accum):
             x, y = loader.next_batch()
@@ -1383,15 +1290,14 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, run_eval, train
     if hp.warmup_steps:  # compile priming on real batches, then every state is put back exactly
         model_state = copy.deepcopy(base_model.state_dict())
         opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        loader = new_loader()
-        warmup_start = time.perf_counter()
+        loader, warmup_start = new_loader(), time.perf_counter()
         for i in range(hp.warmup_steps):
             train_step(loader, 0, 1.0)
             if hp.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == hp.warmup_steps:
                 log(f"warmup_step:{i + 1}/{hp.warmup_steps}")
         sync(rt)
         log(f"warmup_time:{1000 * (time.perf_counter() - warmup_start):.0f}ms"
-            + (" (includes compilation)" if rt.compile else ""))
+            + " (includes compilation)" * rt.compile)
         base_model.load_state_dict(model_state)
         for opt, state in zip(optimizers, opt_states):
             opt.load_state_dict(state)
@@ -1411,7 +1317,7 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, run_eval, train
     t0 = time.perf_counter()
     while True:
         last = step == hp.iterations or (stop_after is not None and step >= stop_after)
-        if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
+        if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):  # the live weights, clock stopped
             sync(rt)
             train_ms += 1000 * (time.perf_counter() - t0)
             base_model.eval()

@@ -125,6 +125,10 @@ def test_over_the_size_limit_is_loud_and_fails(tiny_run, tiny_data, monkeypatch)
     ({"EVAL_ONLY": "missing.ptz"}, "EVAL_ONLY=missing.ptz: no such artifact file"),
     ({"NUM_KV_HEADS": "3"}, "must be a multiple of NUM_KV_HEADS=3"),
     ({"VOCAB_SIZE": "512", "TOKENIZER_PATH": "SMALL"}, ">= VOCAB_SIZE=512 (data from another tokenizer?)"),
+    ({"EMA_DECAY": "1"}, "EMA_DECAY=1.0 must lie in [0, 1)"),
+    ({"ROPE_DIMS": "7"}, "ROPE_DIMS=7 must be 0 (whole head) or even in [2, head dim 16]"),
+    ({"ATTENTION": "fa3"}, "ATTENTION=fa3: FlashAttention-3 is unusable (flash_attn_interface is not installed)"),
+    ({"QUANT_METHOD": "gptq", "MAX_WALLCLOCK_SECONDS": "5", "GPTQ_RESERVE_SECONDS": "5"}, "GPTQ_RESERVE_SECONDS=5.0"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_data, env, message):
     if env.get("TOKENIZER_PATH") == "SMALL":  # a real 512-piece tokenizer, so only the data disagrees
