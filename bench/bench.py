@@ -8,6 +8,9 @@ attention backend, and the sliding-window eval rate extrapolated to the full val
     python bench/bench.py --log logs/<RUN_ID>.txt           # summarise a finished run instead
 
 Settings after `--` are NAME=VALUE env vars for train_gpt.py (any of its hyperparameters).
+
+Exit status: 0 summarised; 2 bad input (a --log that does not exist, a log that is not a train_gpt.py training log
+or has no training step lines), one line on stderr; otherwise train_gpt.py's own non-zero status.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 import train_gpt as tg  # noqa: E402
 
+PROG = "bench.py"
 H100_BF16_DENSE_FLOPS = 989.4e12  # H100 SXM, bf16 tensor cores without sparsity (NVIDIA datasheet)
 FULL_VAL_TARGETS = 62_021_632  # the challenge validation set (SPEC B§1.5)
 
@@ -39,30 +43,44 @@ def model_flops_per_token(hp) -> float:
     return 6 * (layers * block + bigram + head) + 6 * layers * t * d
 
 
+class BenchError(Exception):
+    """Bad input, reported as one line on stderr (exit status 2)."""
+
+
 def last_match(lines: list[str], pattern: str) -> re.Match | None:
     matches = [m for m in (re.search(pattern, line) for line in lines) if m]
     return matches[-1] if matches else None
 
 
 def summarise(log: Path) -> dict[str, float | str]:
-    """The benchmark figures of one train_gpt.py log."""
-    lines = log.read_text(encoding="utf-8").splitlines()
+    """The benchmark figures of one train_gpt.py log (BenchError when it has nothing to summarise)."""
+    if not log.is_file():
+        raise BenchError(f"{log}: log file not found" if not log.exists() else f"{log}: not a file")
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
     hparams = dict(m.groups() for m in (re.match(r"hparam (\w+)=(.*)", line) for line in lines) if m)
     if not hparams:
-        raise SystemExit(f"{log}: no 'hparam' lines; is it a train_gpt.py log?")
-    hp = tg.read_hyperparameters(hparams)
-    world = int(last_match(lines, r"^world_size:(\d+)").group(1))
+        raise BenchError(f"{log}: no 'hparam' lines; is it a train_gpt.py log?")
+    step = last_match(lines, r"^step:(\d+)/\d+ .*train_time:(\d+)ms step_avg:([\d.]+)ms")
+    if step is None or int(step.group(1)) == 0:
+        raise BenchError(f"{log}: no training step lines ('step:N/M ... train_time:...ms step_avg:...ms' with N > 0); "
+                         "nothing to time (an EVAL_ONLY run, or training did not start)")
+    world_line = last_match(lines, r"^world_size:(\d+)")
+    if world_line is None:
+        raise BenchError(f"{log}: no 'world_size:' line; is it a train_gpt.py log?")
+    try:
+        hp = tg.read_hyperparameters(hparams)
+    except Exception as exc:  # e.g. a log of another train_gpt.py version whose settings this one rejects
+        raise BenchError(f"{log}: its hparam lines do not fit this train_gpt.py ({type(exc).__name__}: {exc})") from None
+    world = int(world_line.group(1))
     out: dict[str, float | str] = {"world_size": world}
     backend = last_match(lines, r"^attention_backend:(\S+) compile:(\d) device:(\S+)")
     if backend:
         out.update(attention=backend.group(1), compile=int(backend.group(2)), device=backend.group(3))
-    step = last_match(lines, r"^step:(\d+)/\d+ .*train_time:(\d+)ms step_avg:([\d.]+)ms")
-    if step and int(step.group(1)) > 0:
-        ms = float(step.group(3))
-        tokens_per_s = hp.train_batch_tokens / (ms / 1000)
-        out.update(steps=int(step.group(1)), ms_per_step=ms, tokens_per_s=tokens_per_s,
-                   tokens_per_s_per_gpu=tokens_per_s / world,
-                   mfu_vs_h100_bf16=model_flops_per_token(hp) * tokens_per_s / (H100_BF16_DENSE_FLOPS * world))
+    ms = float(step.group(3))
+    tokens_per_s = hp.train_batch_tokens / (ms / 1000)
+    out.update(steps=int(step.group(1)), ms_per_step=ms, tokens_per_s=tokens_per_s,
+               tokens_per_s_per_gpu=tokens_per_s / world,
+               mfu_vs_h100_bf16=model_flops_per_token(hp) * tokens_per_s / (H100_BF16_DENSE_FLOPS * world))
     warmup = last_match(lines, r"^warmup_time:(\d+)ms")
     if warmup:
         out["warmup_compile_s"] = int(warmup.group(1)) / 1000
@@ -103,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: train_gpt.py exited {code}", file=sys.stderr)
             return code
         args.log = Path("logs") / f"{args.run_id}.txt"
-    for key, value in summarise(args.log).items():
+    try:
+        summary = summarise(args.log)
+    except BenchError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    for key, value in summary.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     return 0
 

@@ -57,7 +57,26 @@ PROG = "cached_challenge_fineweb.py"
 
 
 class DownloadError(Exception):
-    """A failure reported to the user as one line on stderr."""
+    """A failure reported to the user as one line on stderr (exit status 1)."""
+
+
+class LocalFolderError(DownloadError):
+    """--out cannot hold the files (not a folder, not writable): one line on stderr, exit status 2."""
+
+
+def out_folder_problem(root: Path, need_write: bool) -> str | None:
+    """What stops `root` from holding the download, or None. Looks at `root`, or at its nearest existing ancestor
+    when it does not exist yet (it would be created there); writability only when `need_write`."""
+    existing = root
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return (f"--out {root} exists and is not a folder" if existing == root
+                else f"--out {root} cannot be created: {existing} is not a folder")
+    if need_write and not os.access(existing, os.W_OK | os.X_OK):
+        return (f"--out {root} is not writable (no write permission)" if existing == root
+                else f"--out {root} cannot be created: {existing} is not writable (no write permission)")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,12 +241,19 @@ def _one_line(text: str, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def hub_endpoint() -> str:
+    """The hub URL huggingface_hub talks to (HF_ENDPOINT, else its default)."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
 def describe_hub_error(exc: BaseException, what: str, repo_id: str, revision: str) -> str:
     from huggingface_hub import errors as hf_errors
 
     where = f"{repo_id}@{revision}"
     if isinstance(exc, (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled)):
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        endpoint = hub_endpoint()
         return (
             f"cannot reach the Hugging Face hub ({endpoint}) to fetch {what} from {where}: "
             "offline, or HF_HUB_OFFLINE is set; check the network or HF_ENDPOINT"
@@ -255,14 +281,25 @@ class Fetcher:
         self.root_existed = root.exists()
 
     def _staging(self) -> Path:
+        """The private staging folder, made on first use: before any network access, --out is checked (a local
+        problem is a LocalFolderError naming it) and the endpoint about to be contacted is announced."""
         if self.staging is None:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.staging = Path(tempfile.mkdtemp(prefix=".download-staging-", dir=self.root))
+            problem = out_folder_problem(self.root, need_write=True)
+            if problem is not None:
+                raise LocalFolderError(problem)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self.staging = Path(tempfile.mkdtemp(prefix=".download-staging-", dir=self.root))
+            except OSError as exc:
+                raise LocalFolderError(f"--out {self.root}: cannot create a folder there ({exc.strerror or exc})") from None
+            print(f"connecting to {hub_endpoint()} for dataset {self.repo_id}@{self.revision} "
+                  "(if the hub is unreachable this waits for the connection to time out)", flush=True)
         return self.staging
 
     def fetch(self, rel: str, dest: Path) -> None:
         """Fetch REMOTE_ROOT/rel, verify it, and atomically place it at `dest`."""
         remote = PurePosixPath(REMOTE_ROOT) / rel
+        staging = self._staging()  # local problems surface here, not as a download failure
         try:
             got = hf_hub_download(
                 repo_id=self.repo_id,
@@ -270,7 +307,7 @@ class Fetcher:
                 subfolder=remote.parent.as_posix(),
                 repo_type="dataset",
                 revision=self.revision,
-                local_dir=self._staging(),
+                local_dir=staging,
             )
         except Exception as exc:  # every hub failure becomes one line naming the file and the repo
             raise DownloadError(describe_hub_error(exc, remote.as_posix(), self.repo_id, self.revision)) from exc
@@ -350,6 +387,9 @@ def run(args: argparse.Namespace) -> int:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.variant):
         raise DownloadError(f"unknown variant {args.variant!r}: expected a name such as sp1024")
     root: Path = args.out.expanduser().resolve()
+    problem = out_folder_problem(root, need_write=False)  # a complete read-only copy is fine; a file is not
+    if problem is not None:
+        raise LocalFolderError(problem)
     fetcher = Fetcher(root, args.repo_id, args.revision)
     try:
         manifest_path = root / "manifest.json"
@@ -431,6 +471,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         disable_progress_bars()
     try:
         return run(args)
+    except LocalFolderError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     except DownloadError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         return 1

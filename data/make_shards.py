@@ -10,6 +10,8 @@ Input must be UTF-8.
 Output, matching the published export: every document is encoded with the SentencePiece model and prefixed
 with one BOS id (the model's ``bos_id()``); no EOS. The first K documents form the validation split, written
 first as ``fineweb_val_000000.bin ...``; the remaining documents become ``fineweb_train_000000.bin ...``.
+At least one document must be left for training: a corpus of K documents or fewer is an error (exit 2) that
+says how many documents it has and which ``--val-docs`` to pass.
 A split switch closes the current shard, so val and train never share a file. Every shard except the last of
 its split holds exactly ``--shard-tokens`` tokens (documents may straddle shard boundaries).
 
@@ -73,7 +75,20 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
 
 
 class ShardError(Exception):
-    """A failure reported to the user as one line on stderr."""
+    """A failure reported to the user as one line on stderr (exit status 1)."""
+
+    exit_code = 1
+
+
+class ArgumentProblem(ShardError):
+    """The arguments cannot work with this corpus (exit status 2, like a usage error); nothing is written."""
+
+    exit_code = 2
+
+
+def suggest_val_docs(total: int) -> int:
+    """A --val-docs that leaves both splits non-empty: about a tenth of the corpus (total >= 2)."""
+    return max(1, min(total - 1, round(total / 10)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -286,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int_in(0, 2**62),
         default=DEFAULT_VAL_DOCS,
         metavar="K",
-        help="the first K documents form the validation split (default: %(default)s, as in the challenge)",
+        help="the first K documents form the validation split (default: %(default)s, as in the challenge); "
+        "the corpus must hold more than K documents",
     )
     p.add_argument(
         "--shard-tokens",
@@ -362,6 +378,13 @@ def run(args: argparse.Namespace) -> int:
         total = stats["val"].documents + stats["train"].documents
         if total == 0:
             raise ShardError(f"corpus {corpus} holds no documents")
+        if stats["train"].documents == 0:
+            fix = (f"pass --val-docs K with K < {total}, e.g. --val-docs {suggest_val_docs(total)}" if total > 1
+                   else "a corpus needs at least 2 documents to fill both splits")
+            raise ArgumentProblem(
+                f"corpus {corpus} has {total} document{'s' if total != 1 else ''} and --val-docs is {args.val_docs}, "
+                f"so all of them would be validation and no train shard would be written; {fix}"
+            )
         if out.is_dir():
             for p in existing_shards(out):
                 p.unlink()
@@ -374,9 +397,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(stats["val"].line("val"))
     print(stats["train"].line("train"))
-    if stats["train"].documents == 0:
-        print(f"note: all {total} documents went to the validation split (--val-docs {args.val_docs}); no train shards")
-    print(f"wrote {len(stats['val'].shards) + len(stats['train'].shards)} shards to {out}")
+    n_shards = len(stats["val"].shards) + len(stats["train"].shards)
+    print(f"wrote {n_shards} shard{'' if n_shards == 1 else 's'} to {out}")
     return 0
 
 
@@ -389,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except ShardError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return exc.exit_code
     except OSError as exc:
         print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr, flush=True)
         return 1

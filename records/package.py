@@ -4,21 +4,39 @@ Usage (from the repository root):
 
     python records/package.py logs/a.txt logs/b.txt logs/c.txt \
         --name 11L_XSA3_Seed --author "Jane Doe" --github-id janedoe \
-        --blurb "legal seed, sliding s64" --sota-loss 1.90915845
+        --blurb "legal seed, sliding s64" --sota-loss 1.90915845 [--artifact final_model.int6.ptz]
 
 It writes ``records/track_10min_16mb/<YYYY-MM-DD>_<Name>/`` (``track_non_record_16mb`` with
-``--non-record``) holding ``train_gpt.py``, one ``train_seed<S>.log`` per run, ``submission.json`` and a
-``README.md`` skeleton with the results table and the run command rebuilt from the logged hyperparameters.
+``--non-record``) holding ``train_gpt.py``, one ``train_seed<S>.log`` per run, ``submission.json``,
+``curves.png`` (train/val loss and val_bpb against training time, drawn by ``records/plot_curves.py``; needs
+matplotlib) and a ``README.md`` skeleton with the results table and the run command rebuilt from the logged
+hyperparameters. The run command uses the challenge's data layout (``DATA_PATH``, ``TOKENIZER_PATH`` at the
+script's defaults, no ``TRAIN_FILES``/``VAL_FILES``); data paths the logs used locally are listed separately.
+Folders are created with mode 0755 and files 0644, whatever the umask.
 
-Every log is checked before anything is written: artifact <= 16,000,000 bytes, training <= 600 s, post-training
-evaluation <= 600 s, all final lines present, the same script in every log and equal to ``--script``, the full
-validation set, and a training run (not an EVAL_ONLY re-score). A failed check aborts a record folder (exit 1,
+Every log is checked before anything is written: artifact <= 16,000,000 bytes, training <= 600 s (the
+``gptq:budget`` total, training plus GPTQ calibration, when the log has that line), post-training evaluation
+<= 600 s, no ``budget:exceeded`` line, all final lines present, the same script in every log and equal to
+``--script``, the full validation set (no ``val_subset:`` line, ``VAL_MAX_TOKENS=0``, no final line marked
+``subset``, every target scored), and a training run (not an EVAL_ONLY re-score). Each problem is one ``FAIL``
+line naming the log (a log gets at most one line per check). A failed check aborts a record folder (exit 1,
 nothing written); with ``--non-record`` the folder is written anyway and the failures are listed.
 
-With ``--sota-loss``/``--sota-bpb`` a one-sided one-sample t-test checks the challenge's significance rule
-(improve on SOTA by >= 0.005 nats with p < 0.01); its result is printed and stored, it never blocks packaging.
+Score: the sliding-window line ``final_int6_sliding_window_exact``; when the logs have a legal score-first
+test-time-training line ``final_int6_ttt_exact``, that line is the score (val_bpb, val_loss, significance) and the
+README table shows both.
 
-Exit status: 0 written, 1 a compliance check failed (record track), 2 usage / input error.
+``--artifact PATH`` (repeatable, e.g. one per seed): the file's sha256 and byte size must equal the
+``artifact:<path> bytes:<N> sha256:<hex>`` line of one of the logs; otherwise a FAIL line names the file and both
+hashes. Logs from an older train_gpt.py have no ``artifact:`` line and cannot be matched (said so). The artifact
+itself is not copied.
+
+With ``--sota-loss``/``--sota-bpb`` a one-sided one-sample t-test (scipy.stats) checks the challenge's significance
+rule (improve on SOTA by >= 0.005 nats with p < 0.01); its result is printed (also when a compliance check fails)
+and stored, it never blocks packaging.
+
+Exit status: 0 written, 1 a compliance check failed (record track), 2 usage / input error (also: scipy or
+matplotlib not installed).
 """
 from __future__ import annotations
 
@@ -28,6 +46,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -37,7 +56,24 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Optional, Sequence
+
+
+def _load_sibling(name: str) -> ModuleType:
+    """Import records/<name>.py under a private module name (records/ is not a package)."""
+    mod_name = f"_pg_records_{name}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec = importlib.util.spec_from_file_location(mod_name, Path(__file__).resolve().with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+plot_curves = _load_sibling("plot_curves")
 
 SEPARATOR = b"=" * 100
 SIZE_LIMIT_BYTES = 16_000_000
@@ -50,19 +86,20 @@ NON_RECORD_TRACK = "track_non_record_16mb"
 # Hyperparameters that never go on the shared command line (RUN_ID is per-run noise, SEED is per seed).
 COMMAND_SKIP = ("RUN_ID", "SEED")
 
+
+
+class UsageError(Exception):
+    """Bad input or a missing tool; reported as one line, exit 2, nothing written."""
+
+
 _FLOAT = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf|-inf)"
 _INT = r"(\d+)"
 
 RE_HPARAM = re.compile(r"^hparam ([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 RE_WORLD = re.compile(r"^world_size:" + _INT + r" grad_accum_steps:" + _INT)
 RE_SEED = re.compile(r"^seed:" + _INT + r"\s*$")
-RE_STEP_TRAIN = re.compile(
-    r"^step:" + _INT + r"/" + _INT + r" train_loss:" + _FLOAT + r" train_time:" + _FLOAT + r"ms step_avg:" + _FLOAT + r"ms"
-)
-RE_STEP_VAL = re.compile(
-    r"^step:" + _INT + r"/" + _INT + r" val_loss:" + _FLOAT + r" val_bpb:" + _FLOAT
-    + r" train_time:" + _FLOAT + r"ms step_avg:" + _FLOAT + r"ms"
-)
+RE_STEP_TRAIN = plot_curves.RE_TRAIN  # old and new forms (fields appended after step_avg)
+RE_STEP_VAL = plot_curves.RE_VAL
 RE_STOP = re.compile(r"^stopping_early: wallclock_cap train_time:" + _FLOAT + r"ms step:" + _INT + r"/" + _INT)
 RE_MODEL_BYTES = re.compile(r"^Serialized model int6\+zstd: " + _INT + r" bytes")
 RE_CODE_BYTES = re.compile(r"^Code size: " + _INT + r" bytes")
@@ -79,6 +116,20 @@ RE_SW_EXACT = re.compile(
     r"^final_int6_sliding_window_exact val_loss:" + _FLOAT + r" val_bpb:" + _FLOAT + r"(?: tokens:" + _INT + r" bytes:" + _INT + r")?"
 )
 RE_POST = re.compile(r"^post_training_time:" + _FLOAT + r"ms")
+RE_TTT = re.compile(  # stride: only when the windows overlap
+    r"^final_int6_ttt val_loss:" + _FLOAT + r" val_bpb:" + _FLOAT + r"(?: stride:" + _INT + r")? chunk_tokens:" + _INT
+    + r" eval_time:" + _FLOAT + r"ms"
+)
+RE_TTT_EXACT = re.compile(
+    r"^final_int6_ttt_exact val_loss:" + _FLOAT + r" val_bpb:" + _FLOAT + r"(?: tokens:" + _INT + r" bytes:" + _INT + r")?"
+)
+RE_TTT_TIME = re.compile(r"^ttt_time:" + _FLOAT + r"ms")
+RE_SUBSET_MARK = re.compile(r"^final_\S+ .*\ssubset\s*$")  # a final line scored on a validation subset
+RE_ARTIFACT = re.compile(r"^artifact:(.+?) bytes:" + _INT + r" sha256:([0-9a-f]{64})\s*$")
+RE_GPTQ_BUDGET = re.compile(
+    r"^gptq:budget train_ms:" + _FLOAT + r" calib_ms:" + _FLOAT + r" total_ms:" + _FLOAT + r" limit_ms:" + _FLOAT
+)
+RE_BUDGET_EXCEEDED = re.compile(r"^budget:exceeded\b")
 RE_PEAK = re.compile(r"^peak memory allocated: " + _INT + r" MiB reserved: " + _INT + r" MiB")
 RE_VAL_LOADER = re.compile(r"^val_loader:.* tokens:" + _INT + r"\s*$")
 RE_BACKEND = re.compile(r"^attention_backend:(\S+)(?: .*)? device:(\w+)")
@@ -97,72 +148,23 @@ FINAL_LINES = (
     ("final_int6_sliding_window_exact", "sw_loss"),
     ("post_training_time", "post_training_ms"),
 )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Student-t distribution (no scipy): regularized incomplete beta via a continued fraction.
-
-
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """Continued-fraction part of I_x(a, b), evaluated with the modified Lentz method."""
-    tiny = 1e-300
-    eps = 1e-15
-    c = 1.0
-    d = 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    result = d
-    for m in range(1, 1000):
-        # even term d_{2m}
-        num = m * (b - m) * x / ((a + 2 * m - 1.0) * (a + 2 * m))
-        d = 1.0 + num * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + num / c
-        c = c if abs(c) > tiny else tiny
-        result *= d * c
-        # odd term d_{2m+1}
-        num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1.0))
-        d = 1.0 + num * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + num / c
-        c = c if abs(c) > tiny else tiny
-        step = d * c
-        result *= step
-        if abs(step - 1.0) < eps:
-            return result
-    raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b}, x={x})")
-
-
-def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
-    """I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-    if a <= 0 or b <= 0:
-        raise ValueError(f"incomplete beta needs a, b > 0, got a={a}, b={b}")
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"incomplete beta needs 0 <= x <= 1, got x={x}")
-    if x == 0.0 or x == 1.0:
-        return x
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    front = math.exp(log_front)
-    # The fraction converges fast for x < (a+1)/(a+b+2); otherwise use the symmetry I_x(a,b) = 1 - I_{1-x}(b,a).
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - front * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
-def student_t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with df > 0 degrees of freedom."""
-    if df <= 0:
-        raise ValueError(f"degrees of freedom must be > 0, got {df}")
-    if math.isnan(t):
-        return math.nan
-    if math.isinf(t):
-        return 1.0 if t > 0 else 0.0
-    tail = 0.5 * regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
-    return 1.0 - tail if t > 0 else tail
-
-
-def student_t_sf(t: float, df: float) -> float:
-    """P(T > t) (the one-sided upper-tail p-value)."""
-    return student_t_cdf(-t, df)
+# required as well when the score is the test-time-training line (any log has one)
+TTT_FINAL_LINES = (
+    ("final_int6_ttt", "ttt_eval_ms"),
+    ("final_int6_ttt_exact", "ttt_loss"),
+    ("ttt_time", "ttt_ms"),
+)
+SCORE_LINES = {"sliding": "final_int6_sliding_window_exact", "ttt": "final_int6_ttt_exact"}
+SCORE_NAMES = {"sliding": "sliding window", "ttt": "score-first test-time training"}
+# Data and tokenizer locations: never on the shared run command (the challenge's paths are the script's defaults);
+# values the logs used locally are listed beside it.
+DATA_VARS = ("DATA_PATH", "TOKENIZER_PATH", "TRAIN_FILES", "VAL_FILES")
+CHALLENGE_DATA_DEFAULTS = {
+    "DATA_PATH": "./data/datasets/fineweb10B_sp1024",
+    "TOKENIZER_PATH": "./data/tokenizers/fineweb_1024_bpe.model",
+    "TRAIN_FILES": "",
+    "VAL_FILES": "",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,10 +216,44 @@ class RunLog:
     sw_tokens: Optional[int] = None
     sw_bytes: Optional[int] = None
     post_training_ms: Optional[float] = None
+    ttt_loss4: Optional[float] = None
+    ttt_bpb4: Optional[float] = None
+    ttt_stride: Optional[int] = None
+    ttt_chunk_tokens: Optional[int] = None
+    ttt_eval_ms: Optional[float] = None
+    ttt_loss: Optional[float] = None
+    ttt_bpb: Optional[float] = None
+    ttt_tokens: Optional[int] = None
+    ttt_bytes: Optional[int] = None
+    ttt_ms: Optional[float] = None
+    subset_lines: list[str] = field(default_factory=list)  # final lines ending in " subset"
+    artifact_name: Optional[str] = None
+    artifact_bytes: Optional[int] = None
+    artifact_sha256: Optional[str] = None
+    gptq_train_ms: Optional[float] = None
+    gptq_calib_ms: Optional[float] = None
+    gptq_total_ms: Optional[float] = None
+    gptq_limit_ms: Optional[float] = None
+    budget_exceeded_lines: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return str(self.path)
+
+    @property
+    def has_ttt(self) -> bool:
+        return self.ttt_loss is not None or self.ttt_loss4 is not None
+
+    @property
+    def train_budget_ms(self) -> Optional[float]:
+        """The time counted against the 600 s training budget: the gptq:budget total when logged, else train_time."""
+        return self.gptq_total_ms if self.gptq_total_ms is not None else self.train_time_ms
+
+    def score(self, kind: str) -> tuple[Optional[float], Optional[float], Optional[int], Optional[int]]:
+        """(val_loss, val_bpb, tokens, bytes) of the score line of `kind` ("sliding" or "ttt")."""
+        if kind == "ttt":
+            return self.ttt_loss, self.ttt_bpb, self.ttt_tokens, self.ttt_bytes
+        return self.sw_loss, self.sw_bpb, self.sw_tokens, self.sw_bytes
 
     @property
     def hardware(self) -> Optional[str]:
@@ -318,8 +354,27 @@ def parse_log(path: Path) -> RunLog:
         elif m := RE_SW.match(line):
             run.sw_loss4, run.sw_bpb4 = float(m.group(1)), float(m.group(2))
             run.sw_stride, run.sw_eval_ms = int(m.group(3)), float(m.group(4))
+        elif m := RE_TTT_EXACT.match(line):
+            run.ttt_loss, run.ttt_bpb = float(m.group(1)), float(m.group(2))
+            if m.group(3) is not None:
+                run.ttt_tokens, run.ttt_bytes = int(m.group(3)), int(m.group(4))
+        elif m := RE_TTT.match(line):
+            run.ttt_loss4, run.ttt_bpb4 = float(m.group(1)), float(m.group(2))
+            run.ttt_stride = int(m.group(3)) if m.group(3) is not None else None
+            run.ttt_chunk_tokens, run.ttt_eval_ms = int(m.group(4)), float(m.group(5))
+        elif m := RE_TTT_TIME.match(line):
+            run.ttt_ms = float(m.group(1))
         elif m := RE_POST.match(line):
             run.post_training_ms = float(m.group(1))
+        elif m := RE_ARTIFACT.match(line):
+            run.artifact_name, run.artifact_bytes, run.artifact_sha256 = m.group(1), int(m.group(2)), m.group(3)
+        elif m := RE_GPTQ_BUDGET.match(line):
+            run.gptq_train_ms, run.gptq_calib_ms = float(m.group(1)), float(m.group(2))
+            run.gptq_total_ms, run.gptq_limit_ms = float(m.group(3)), float(m.group(4))
+        elif RE_BUDGET_EXCEEDED.match(line):
+            run.budget_exceeded_lines.append(line.strip())
+        if RE_SUBSET_MARK.match(line):
+            run.subset_lines.append(line.strip())
     if run.seed is None and "SEED" in run.hparams:
         try:
             run.seed = int(run.hparams["SEED"])
@@ -334,12 +389,23 @@ def parse_log(path: Path) -> RunLog:
 
 @dataclass
 class Compliance:
-    failures: list[str] = field(default_factory=list)
-    flags: dict[str, bool] = field(default_factory=dict)
+    """Check results: one failure line per (subject, check), listing every problem found for it."""
 
-    def fail(self, flag: str, message: str) -> None:
-        self.failures.append(message)
+    flags: dict[str, bool] = field(default_factory=dict)
+    problems: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)  # --artifact files matched to a log line
+
+    def fail(self, flag: str, subject: str, problem: str) -> None:
+        """Record `problem` of `subject` (a log or an --artifact file) under the check `flag`."""
         self.flags[flag] = False
+        found = self.problems.setdefault((subject, flag), [])
+        if problem not in found:
+            found.append(problem)
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{subject}: {'; '.join(found)}" for (subject, _), found in self.problems.items()]
 
 
 COMPLIANCE_FLAGS = (
@@ -352,6 +418,7 @@ COMPLIANCE_FLAGS = (
     "training_runs",
     "same_config_all_seeds",
 )
+ARTIFACT_FLAG = "artifact_matches_log"  # present only when --artifact is given
 
 
 def _same_source(embedded: bytes, script: bytes) -> bool:
@@ -359,95 +426,188 @@ def _same_source(embedded: bytes, script: bytes) -> bool:
     return embedded == script or embedded == script + b"\n"
 
 
-def check_runs(runs: Sequence[RunLog], script: bytes) -> Compliance:
-    """Run every compliance check; each failure is one line that names the log."""
+def score_kind(runs: Sequence[RunLog]) -> str:
+    """'ttt' when any log has a test-time-training final line (then it is the score of every log), else 'sliding'."""
+    return "ttt" if any(r.has_ttt for r in runs) else "sliding"
+
+
+def _budget_flag(line: str) -> str:
+    """Which budget a `budget:exceeded <what> ...` line is about: training (`training`, `gptq`, `train...`) or
+    evaluation (`evaluation`, `eval...`, `ttt`, `post...`); by the first word, else by any of those words."""
+    what = line[len("budget:exceeded"):].split()
+    for text in ([what[0]] if what else []) + [line]:
+        if re.search(r"eval|ttt|post", text):
+            return "eval_under_600s"
+        if re.search(r"train|gptq|calib", text):
+            return "train_under_600s"
+    return "train_under_600s"
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    """(lowercase hex sha256, size in bytes) of a file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def check_artifacts(runs: Sequence[RunLog], artifacts: Sequence[tuple[Path, str, int]], comp: Compliance) -> None:
+    """Each --artifact file (path, sha256, bytes) must equal the artifact: line of one of the logs."""
+    comp.flags[ARTIFACT_FLAG] = True
+    logged = [r for r in runs if r.artifact_sha256 is not None]
+    for r in runs:
+        if r.artifact_sha256 is None:
+            comp.notes.append(f"{r.name}: no 'artifact:' line (written by an older train_gpt.py), "
+                              "so no --artifact file can be matched to this log")
+    for path, sha, size in artifacts:
+        subject = f"--artifact {path}"
+        if not logged:
+            comp.fail(ARTIFACT_FLAG, subject,
+                      f"sha256 {sha} ({size} bytes) cannot be matched: no log has an 'artifact:' line "
+                      "(logs written by an older train_gpt.py)")
+            continue
+        same = [r for r in logged if r.artifact_sha256 == sha]
+        if not same:
+            listed = ", ".join(f"{r.name} has sha256 {r.artifact_sha256} ({r.artifact_bytes} bytes)" for r in logged)
+            comp.fail(ARTIFACT_FLAG, subject, f"sha256 {sha} ({size} bytes) matches no log's 'artifact:' line: {listed}")
+            continue
+        run = same[0]
+        if run.artifact_bytes != size:
+            comp.fail(ARTIFACT_FLAG, subject,
+                      f"sha256 {sha} equals {run.name}'s 'artifact:' line but the file has {size} bytes, "
+                      f"the log says {run.artifact_bytes}")
+            continue
+        comp.artifacts.append({"file": path.name, "sha256": sha, "bytes": size, "log": run.name,
+                               "logged_path": run.artifact_name})
+
+
+def check_runs(runs: Sequence[RunLog], script: bytes,
+               artifacts: Sequence[tuple[Path, str, int]] = ()) -> Compliance:
+    """Run every compliance check. A log gets at most one failure line per check; a cause that touches several
+    checks (an eval-only log, a validation subset, a hyperparameter already reported) is reported once."""
     comp = Compliance(flags={k: True for k in COMPLIANCE_FLAGS})
+    kind = score_kind(runs)
+    required = FINAL_LINES + (TTT_FINAL_LINES if kind == "ttt" else ())
+    reported_hparams: dict[str, set[str]] = {r.name: set() for r in runs}  # hparams already named in a failure
+    token_problem: set[str] = set()  # logs whose scored token counts are already reported
     for run in runs:
         n = run.name
+        reported = reported_hparams[n]
+        # a training run?
+        eval_only = run.eval_only is not None or bool(run.hparams.get("EVAL_ONLY", "").strip())
         if run.eval_only is not None:
-            comp.fail("training_runs", f"{n}: eval-only run (eval_only:{run.eval_only}), not a training log")
-        elif run.hparams.get("EVAL_ONLY", "").strip():
-            comp.fail("training_runs", f"{n}: eval-only run (hparam EVAL_ONLY={run.hparams['EVAL_ONLY']}), not a training log")
-        missing = [label for label, attr in FINAL_LINES if getattr(run, attr) is None]
+            comp.fail("training_runs", n, f"eval-only run (eval_only:{run.eval_only}), not a training log")
+        elif eval_only:
+            comp.fail("training_runs", n, f"eval-only run (hparam EVAL_ONLY={run.hparams['EVAL_ONLY']}), not a training log")
+        if eval_only:
+            reported.add("EVAL_ONLY")
+        # final lines
+        missing = [label for label, attr in required if getattr(run, attr) is None]
         if missing:
-            comp.fail("final_lines_present", f"{n}: missing final line(s): {', '.join(missing)}")
+            comp.fail("final_lines_present", n, f"missing final line(s): {', '.join(missing)}")
         if run.seed is None:
-            comp.fail("final_lines_present", f"{n}: no 'seed:' line (and no hparam SEED)")
+            comp.fail("final_lines_present", n, "no 'seed:' line (and no hparam SEED)")
         # size
         if run.size_exceeded_line is not None:
-            comp.fail("artifact_under_16mb", f"{n}: log reports {run.size_exceeded_line}")
+            comp.fail("artifact_under_16mb", n, f"log reports {run.size_exceeded_line}")
         elif run.total_bytes is not None and run.total_bytes > SIZE_LIMIT_BYTES:
-            comp.fail("artifact_under_16mb", f"{n}: total submission size {run.total_bytes:,} bytes > {SIZE_LIMIT_BYTES:,}")
+            comp.fail("artifact_under_16mb", n, f"total submission size {run.total_bytes:,} bytes > {SIZE_LIMIT_BYTES:,}")
         if None not in (run.model_bytes, run.code_bytes, run.total_bytes):
             if run.model_bytes + run.code_bytes != run.total_bytes:
-                comp.fail("artifact_under_16mb", f"{n}: model {run.model_bytes} + code {run.code_bytes} bytes != total {run.total_bytes}")
-        # training time
-        cap = run.hparams.get("MAX_WALLCLOCK_SECONDS")
-        if cap is None:
-            comp.fail("train_under_600s", f"{n}: hparam MAX_WALLCLOCK_SECONDS not logged; cannot show training <= 600 s")
-        else:
-            try:
-                cap_s = float(cap)
-            except ValueError:
-                cap_s = math.nan
-            if not (0 < cap_s <= 600):
-                comp.fail("train_under_600s", f"{n}: MAX_WALLCLOCK_SECONDS={cap} (must be > 0 and <= 600)")
-        if run.train_time_ms is None:
-            comp.fail("train_under_600s", f"{n}: no 'step:' line with train_time; cannot show training <= 600 s")
-        else:
+                comp.fail("artifact_under_16mb", n,
+                          f"model {run.model_bytes} + code {run.code_bytes} bytes != total {run.total_bytes}")
+        # budgets reported by the script itself
+        for line in run.budget_exceeded_lines:
+            comp.fail(_budget_flag(line), n, f"log reports {line}")
+        # training time (an eval-only log trained nothing: that is its one failure)
+        if not eval_only:
+            cap = run.hparams.get("MAX_WALLCLOCK_SECONDS")
+            if cap is None:
+                comp.fail("train_under_600s", n, "hparam MAX_WALLCLOCK_SECONDS not logged; cannot show training <= 600 s")
+            else:
+                try:
+                    cap_s = float(cap)
+                except ValueError:
+                    cap_s = math.nan
+                if not (0 < cap_s <= 600):
+                    comp.fail("train_under_600s", n, f"MAX_WALLCLOCK_SECONDS={cap} (must be > 0 and <= 600)")
+                    reported.add("MAX_WALLCLOCK_SECONDS")
             allowance = TRAIN_LIMIT_MS + (run.step_avg_ms or 0.0)
-            if run.train_time_ms > allowance:
-                comp.fail(
-                    "train_under_600s",
-                    f"{n}: train_time {run.train_time_ms:.0f}ms > 600000ms + one step_avg ({run.step_avg_ms or 0.0:.2f}ms)",
-                )
+            over = f"> 600000ms + one step_avg ({run.step_avg_ms or 0.0:.2f}ms)"
+            if run.gptq_total_ms is not None:
+                if run.gptq_total_ms > allowance:
+                    comp.fail("train_under_600s", n,
+                              f"gptq:budget total_ms {run.gptq_total_ms:.0f}ms (train {run.gptq_train_ms:.0f}ms + "
+                              f"GPTQ calibration {run.gptq_calib_ms:.0f}ms) {over}")
+            elif run.train_time_ms is None:
+                comp.fail("train_under_600s", n, "no 'step:' line with train_time; cannot show training <= 600 s")
+            elif run.train_time_ms > allowance:
+                comp.fail("train_under_600s", n, f"train_time {run.train_time_ms:.0f}ms {over}")
         # evaluation time
         if run.post_training_ms is not None and run.post_training_ms > EVAL_LIMIT_MS:
-            comp.fail("eval_under_600s", f"{n}: post_training_time {run.post_training_ms:.0f}ms > 600000ms")
-        # validation set
+            comp.fail("eval_under_600s", n, f"post_training_time {run.post_training_ms:.0f}ms > 600000ms")
+        if run.ttt_ms is not None and run.ttt_ms > EVAL_LIMIT_MS:
+            comp.fail("eval_under_600s", n, f"ttt_time {run.ttt_ms:.0f}ms > 600000ms")
+        # validation set: every sign of a subset is one cause
+        evidence = []
         if run.val_subset is not None:
-            comp.fail("full_validation_set", f"{n}: validation subset used ({run.val_subset})")
+            evidence.append(run.val_subset)
         vmt = run.hparams.get("VAL_MAX_TOKENS")
         if vmt is not None and vmt.strip() not in ("0", "0.0", ""):
-            comp.fail("full_validation_set", f"{n}: hparam VAL_MAX_TOKENS={vmt} (must be 0: full validation set)")
-        if run.val_loader_tokens is not None and run.sw_tokens is not None and run.sw_tokens != run.val_loader_tokens:
-            comp.fail(
-                "full_validation_set",
-                f"{n}: sliding eval scored {run.sw_tokens} tokens but the validation set has {run.val_loader_tokens} targets",
-            )
-        # script
+            evidence.append(f"hparam VAL_MAX_TOKENS={vmt}, must be 0 for the full validation set")
+        if run.subset_lines:
+            evidence.append(f"final line(s) marked subset: {', '.join(ln.split()[0] for ln in run.subset_lines)}")
+        if evidence:
+            comp.fail("full_validation_set", n, f"validation subset used ({'; '.join(evidence)})")
+            reported.add("VAL_MAX_TOKENS")
+            token_problem.add(n)
+        elif run.val_loader_tokens is not None:
+            for label, tokens in (("sliding", run.sw_tokens), ("ttt", run.ttt_tokens)):
+                if tokens is not None and tokens != run.val_loader_tokens:
+                    comp.fail("full_validation_set", n, f"{label} eval scored {tokens} tokens but the validation set "
+                                                        f"has {run.val_loader_tokens} targets")
+                    token_problem.add(n)
+        # script (every log is compared with the same --script, so that also covers logs differing from each other)
         if run.source is None:
-            comp.fail("same_script_all_seeds", f"{n}: no embedded script (no line of 100 '=')")
+            comp.fail("same_script_all_seeds", n, "no embedded script (no line of 100 '=')")
         elif not _same_source(run.source, script):
-            comp.fail("same_script_all_seeds", f"{n}: embedded script differs from the --script file")
-        if run.code_bytes is not None and run.code_bytes != len(script):
-            comp.fail("same_script_all_seeds", f"{n}: Code size {run.code_bytes} bytes != --script file size {len(script)}")
+            comp.fail("same_script_all_seeds", n, "embedded script differs from the --script file")
+        elif run.code_bytes is not None and run.code_bytes != len(script):
+            comp.fail("same_script_all_seeds", n, f"Code size {run.code_bytes} bytes != --script file size {len(script)}")
     if runs:
         first = runs[0]
         for run in runs[1:]:
-            if run.source is not None and first.source is not None and run.source != first.source:
-                comp.fail("same_script_all_seeds", f"{run.name}: embedded script differs from {first.name}")
-            a = {k: v for k, v in first.hparams.items() if k not in COMMAND_SKIP}
-            b = {k: v for k, v in run.hparams.items() if k not in COMMAND_SKIP}
+            skip = set(COMMAND_SKIP) | reported_hparams[first.name] | reported_hparams[run.name]
+            a = {k: v for k, v in first.hparams.items() if k not in skip}
+            b = {k: v for k, v in run.hparams.items() if k not in skip}
             if a != b:
                 diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-                comp.fail("same_config_all_seeds", f"{run.name}: hyperparameters differ from {first.name}: {', '.join(diff)}")
+                comp.fail("same_config_all_seeds", run.name, f"hyperparameters differ from {first.name}: {', '.join(diff)}")
             if run.world_size != first.world_size:
-                comp.fail("same_config_all_seeds", f"{run.name}: world_size {run.world_size} != {first.world_size} in {first.name}")
-            if run.sw_tokens is not None and first.sw_tokens is not None and (run.sw_tokens, run.sw_bytes) != (first.sw_tokens, first.sw_bytes):
-                comp.fail(
-                    "full_validation_set",
-                    f"{run.name}: sliding eval scored tokens:{run.sw_tokens} bytes:{run.sw_bytes}, "
-                    f"{first.name} scored tokens:{first.sw_tokens} bytes:{first.sw_bytes}",
-                )
+                comp.fail("same_config_all_seeds", run.name, f"world_size {run.world_size} != {first.world_size} in {first.name}")
+            if run.name in token_problem or first.name in token_problem:
+                continue
+            for label, mine, theirs in (("sliding", (run.sw_tokens, run.sw_bytes), (first.sw_tokens, first.sw_bytes)),
+                                        ("ttt", (run.ttt_tokens, run.ttt_bytes), (first.ttt_tokens, first.ttt_bytes))):
+                if mine[0] is not None and theirs[0] is not None and mine != theirs:
+                    comp.fail(
+                        "full_validation_set", run.name,
+                        f"{label} eval scored tokens:{mine[0]} bytes:{mine[1]}, "
+                        f"{first.name} scored tokens:{theirs[0]} bytes:{theirs[1]}",
+                    )
         seen: dict[int, str] = {}
         for run in runs:
             if run.seed is None:
                 continue
             if run.seed in seen:
-                comp.fail("same_config_all_seeds", f"{run.name}: seed {run.seed} already used by {seen[run.seed]}")
+                comp.fail("same_config_all_seeds", run.name, f"seed {run.seed} already used by {seen[run.seed]}")
             else:
                 seen[run.seed] = run.name
+    if artifacts:
+        check_artifacts(runs, artifacts, comp)
     return comp
 
 
@@ -455,61 +615,81 @@ def check_runs(runs: Sequence[RunLog], script: bytes) -> Compliance:
 # Significance
 
 
+def student_t_lower_tail(t: float, df: int) -> float:
+    """P(T_df <= t) from scipy.stats (a clear error when scipy is missing)."""
+    try:
+        from scipy import stats
+    except ImportError:
+        raise UsageError("scipy is not installed; the significance test needs it "
+                         "(pip install scipy, or pip install -r requirements.txt)") from None
+    return float(stats.t.cdf(t, df))
+
+
 def significance_test(
-    runs: Sequence[RunLog], sota_loss: Optional[float] = None, sota_bpb: Optional[float] = None
+    runs: Sequence[RunLog], sota_loss: Optional[float] = None, sota_bpb: Optional[float] = None,
+    kind: Optional[str] = None,
 ) -> dict[str, Any]:
     """One-sided one-sample t-test: does the mean val_loss beat SOTA by >= 0.005 nats with p < 0.01?
 
+    The per-seed val_loss is that of the score line (`kind`, default score_kind(runs)): the sliding-window
+    `_exact` line, or the test-time-training `final_int6_ttt_exact` line when the logs have one.
     Per seed i the improvement short-fall is d_i = loss_i - (sota_loss_i - 0.005) and H0: mean(d) >= 0 is tested
-    against H1: mean(d) < 0 with t = mean(d) / (s_d / sqrt(n)), df = n - 1, p = P(T_df <= t).
-    With --sota-bpb the SOTA is converted to nats per run with that run's own sliding `_exact` tokens/bytes:
+    against H1: mean(d) < 0 with t = mean(d) / (s_d / sqrt(n)), df = n - 1, p = P(T_df <= t) (scipy.stats.t).
+    With --sota-bpb the SOTA is converted to nats per run with that run's own score-line tokens/bytes:
     sota_loss_i = sota_bpb * ln 2 * bytes_i / tokens_i (so the 0.005-nat margin is 0.005 * tokens_i/(bytes_i ln 2) bpb).
     """
     if (sota_loss is None) == (sota_bpb is None):
         raise ValueError("give exactly one of sota_loss / sota_bpb")
+    kind = kind or score_kind(runs)
+    line = SCORE_LINES[kind]
     res: dict[str, Any] = {
-        "test": "one-sided one-sample Student t-test on per-seed sliding-window val_loss (nats)",
+        "test": f"one-sided one-sample Student t-test on per-seed {SCORE_NAMES[kind]} val_loss (nats, {line})",
         "h0": f"mean val_loss >= SOTA val_loss - {SIGNIFICANCE_MARGIN_NATS}",
         "h1": f"mean val_loss < SOTA val_loss - {SIGNIFICANCE_MARGIN_NATS}",
         "margin_nats": SIGNIFICANCE_MARGIN_NATS,
         "alpha": SIGNIFICANCE_ALPHA,
         "assumptions": "seeds are independent runs; per-seed val_loss roughly normally distributed",
+        "score": kind,
         "sota_val_loss": sota_loss,
         "sota_val_bpb": sota_bpb,
     }
-    usable = [r for r in runs if r.sw_loss is not None]
+    usable = [r for r in runs if r.score(kind)[0] is not None]
+    losses = [r.score(kind)[0] for r in usable]
     diffs: list[float] = []
     if sota_loss is not None:
         res["conversion"] = "none: SOTA given as val_loss (nats)"
-        diffs = [r.sw_loss - (sota_loss - SIGNIFICANCE_MARGIN_NATS) for r in usable]
+        diffs = [x - (sota_loss - SIGNIFICANCE_MARGIN_NATS) for x in losses]
     else:
         res["conversion"] = (
             "SOTA val_bpb converted to nats per run: sota_loss_i = sota_bpb * ln(2) * bytes_i / tokens_i, "
-            "bytes_i/tokens_i from that run's final_int6_sliding_window_exact line"
+            f"bytes_i/tokens_i from that run's {line} line"
         )
-        missing = [r.name for r in usable if not r.sw_tokens or not r.sw_bytes]
+        missing = [r.name for r in usable if not r.score(kind)[2] or not r.score(kind)[3]]
         if missing:
             res.update(computable=False, passed=False, n=len(usable),
-                       reason=f"no tokens:/bytes: on the sliding _exact line of {', '.join(missing)}; use --sota-loss")
+                       reason=f"no tokens:/bytes: on the {line} line of {', '.join(missing)}; use --sota-loss")
             return res
         per_run = []
-        for r in usable:
-            sl = sota_bpb * math.log(2) * r.sw_bytes / r.sw_tokens
+        for r, x in zip(usable, losses):
+            _, _, tokens, nbytes = r.score(kind)
+            sl = sota_bpb * math.log(2) * nbytes / tokens
             per_run.append(sl)
-            diffs.append(r.sw_loss - (sl - SIGNIFICANCE_MARGIN_NATS))
+            diffs.append(x - (sl - SIGNIFICANCE_MARGIN_NATS))
         res["sota_val_loss_per_seed"] = {str(r.seed): round(v, 8) for r, v in zip(usable, per_run)}
         res["margin_bpb_per_seed"] = {
-            str(r.seed): round(SIGNIFICANCE_MARGIN_NATS * r.sw_tokens / (r.sw_bytes * math.log(2)), 8) for r in usable
+            str(r.seed): round(SIGNIFICANCE_MARGIN_NATS * r.score(kind)[2] / (r.score(kind)[3] * math.log(2)), 8)
+            for r in usable
         }
     n = len(diffs)
     res["n"] = n
     if n < 2:
-        res.update(computable=False, passed=False, reason=f"needs at least 2 seeds with a sliding score, have {n}")
+        res.update(computable=False, passed=False,
+                   reason=f"needs at least 2 seeds with a {SCORE_NAMES[kind]} score, have {n}")
         return res
     df = n - 1
     mean_d = statistics.fmean(diffs)
     sd = statistics.stdev(diffs)
-    res.update(df=df, mean_val_loss=round(statistics.fmean(r.sw_loss for r in usable), 8),
+    res.update(df=df, mean_val_loss=round(statistics.fmean(losses), 8),
                mean_diff_to_threshold=round(mean_d, 8), std=round(sd, 8))
     if sd == 0.0:
         t = -math.inf if mean_d < 0 else (math.inf if mean_d > 0 else 0.0)
@@ -517,7 +697,7 @@ def significance_test(
         res["note"] = "zero spread between seeds; p-value is degenerate"
     else:
         t = mean_d / (sd / math.sqrt(n))
-        p = student_t_cdf(t, df)
+        p = student_t_lower_tail(t, df)
     res.update(computable=True, t=None if math.isinf(t) else round(t, 6), p_value=p, passed=bool(p < SIGNIFICANCE_ALPHA))
     return res
 
@@ -578,21 +758,34 @@ def load_defaults(script_path: Path, script: bytes) -> tuple[Optional[Any], Opti
 
 
 def non_default_hparams(hparams: dict[str, str], defaults: Optional[Any]) -> list[tuple[str, str]]:
+    """Logged hyperparameters whose value differs from the script's default (all of them without defaults;
+    the data variables are then compared with the challenge's paths)."""
     out = []
     for name, value in hparams.items():
         if name in COMMAND_SKIP:
             continue
-        if defaults is not None and hasattr(defaults, name.lower()) and str(getattr(defaults, name.lower())) == value:
+        if defaults is not None and hasattr(defaults, name.lower()):
+            if str(getattr(defaults, name.lower())) == value:
+                continue
+        elif name in CHALLENGE_DATA_DEFAULTS and CHALLENGE_DATA_DEFAULTS[name] == value:
             continue
         out.append((name, value))
     return out
 
 
+def local_overrides(runs: Sequence[RunLog], defaults: Optional[Any]) -> list[tuple[str, str]]:
+    """Data/tokenizer variables the logs set away from the script's defaults (each distinct value once)."""
+    pairs = (kv for r in runs for kv in non_default_hparams(r.hparams, defaults) if kv[0] in DATA_VARS)
+    return list(dict.fromkeys(pairs))
+
+
 def build_run_command(runs: Sequence[RunLog], defaults: Optional[Any]) -> str:
-    """Shell command that reproduces the runs: non-default hparams, SEED per seed, torchrun."""
+    """Shell command that reproduces the runs on the challenge's data: non-default hparams except the data and
+    tokenizer paths (left at the script's defaults, the challenge layout), SEED per seed, torchrun."""
 
     def env_prefix(run: RunLog) -> str:
-        return " ".join(f"{k}={shlex.quote(v)}" for k, v in non_default_hparams(run.hparams, defaults))
+        return " ".join(f"{k}={shlex.quote(v)}" for k, v in non_default_hparams(run.hparams, defaults)
+                        if k not in DATA_VARS)
 
     def launcher(run: RunLog) -> str:
         return f"torchrun --standalone --nproc_per_node={run.world_size or 1} train_gpt.py"
@@ -658,12 +851,16 @@ def build_submission(
     runs: Sequence[RunLog], comp: Compliance, args: argparse.Namespace, track: str, script: bytes,
     significance: Optional[dict[str, Any]],
 ) -> dict[str, Any]:
+    kind = score_kind(runs)
     seed_results: dict[str, Any] = {}
     for i, r in enumerate(runs):
         key = str(r.seed) if r.seed is not None else f"unknown_{i}"
-        seed_results[key] = {
-            "val_loss": r.sw_loss,
-            "val_bpb": r.sw_bpb,
+        loss, bpb, tokens, nbytes = r.score(kind)
+        result: dict[str, Any] = {
+            "val_loss": loss,
+            "val_bpb": bpb,
+            "sliding_val_loss": r.sw_loss,
+            "sliding_val_bpb": r.sw_bpb,
             "roundtrip_val_loss": r.rt_loss,
             "roundtrip_val_bpb": r.rt_bpb,
             "pre_quant_val_loss": r.pre_quant_loss,
@@ -677,10 +874,18 @@ def build_submission(
             "roundtrip_eval_time_ms": r.rt_eval_ms,
             "sliding_eval_time_ms": r.sw_eval_ms,
             "sliding_stride": r.sw_stride,
-            "val_tokens": r.sw_tokens,
-            "val_bytes": r.sw_bytes,
+            "val_tokens": tokens,
+            "val_bytes": nbytes,
             "log": _log_name(r, i, runs),
         }
+        if kind == "ttt":
+            result.update(ttt_val_loss=r.ttt_loss, ttt_val_bpb=r.ttt_bpb, ttt_time_ms=r.ttt_ms,
+                          ttt_eval_time_ms=r.ttt_eval_ms, ttt_stride=r.ttt_stride, ttt_chunk_tokens=r.ttt_chunk_tokens)
+        if r.gptq_total_ms is not None:
+            result.update(gptq_calib_ms=r.gptq_calib_ms, train_budget_ms=r.gptq_total_ms)
+        if r.artifact_sha256 is not None:
+            result.update(artifact_sha256=r.artifact_sha256, artifact_bytes=r.artifact_bytes)
+        seed_results[key] = result
     hardware = _one_or_list([r.hardware for r in runs])
     if hardware is None:
         hardware = "unknown (nvidia-smi output not in log)"
@@ -692,8 +897,9 @@ def build_submission(
         "name": args.name,
         "blurb": args.blurb,
         "date": args.date,
-        "val_bpb": _mean([r.sw_bpb for r in runs]),
-        "val_loss": _mean([r.sw_loss for r in runs]),
+        "val_bpb": _mean([r.score(kind)[1] for r in runs]),
+        "val_loss": _mean([r.score(kind)[0] for r in runs]),
+        "score_line": SCORE_LINES[kind],
         "bytes_total": _max([r.total_bytes for r in runs]),
         "bytes_code": len(script),
         "bytes_model_int6_zstd": _max([r.model_bytes for r in runs]),
@@ -701,9 +907,11 @@ def build_submission(
         "pre_quant_val_bpb": _mean([r.pre_quant_bpb for r in runs]),
         "int6_zstd_val_loss": _mean([r.rt_loss for r in runs]),
         "int6_zstd_val_bpb": _mean([r.rt_bpb for r in runs]),
+        "sliding_val_loss": _mean([r.sw_loss for r in runs]),
+        "sliding_val_bpb": _mean([r.sw_bpb for r in runs]),
         "seeds": [r.seed for r in runs],
         "seed_results": seed_results,
-        "val_bpb_std": _std([r.sw_bpb for r in runs]),
+        "val_bpb_std": _std([r.score(kind)[1] for r in runs]),
         "track": track,
         "hardware": hardware,
         "pytorch_version": _one_or_list([r.torch_version for r in runs]),
@@ -712,6 +920,8 @@ def build_submission(
         "world_size": _one_or_list([str(r.world_size) if r.world_size is not None else None for r in runs]),
         "compliance": compliance,
     }
+    if comp.artifacts:
+        sub["artifacts_verified"] = list(comp.artifacts)
     if significance is not None:
         sub["significance"] = significance
     return sub
@@ -728,10 +938,25 @@ def _fmt(v: Optional[float], spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
+def _seconds(ms: Optional[float], spec: str) -> str:
+    return _fmt(None if ms is None else ms / 1000, spec)
+
+
+def _mean_of(values: Sequence[Optional[float]]) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+CURVES_FILE = "curves.png"
+
+
 def build_readme(
     runs: Sequence[RunLog], sub: dict[str, Any], comp: Compliance, command: str, defaults_error: Optional[str],
-    significance: Optional[dict[str, Any]],
+    significance: Optional[dict[str, Any]], overrides: Sequence[tuple[str, str]] = (), curves: Optional[str] = None,
 ) -> str:
+    kind = score_kind(runs)
+    ttt = kind == "ttt"
+    gptq = any(r.gptq_total_ms is not None for r in runs)
     L: list[str] = []
     L.append(f"# {sub['name']}")
     L.append("")
@@ -746,11 +971,16 @@ def build_readme(
     vb = sub["val_bpb"]
     std = sub["val_bpb_std"]
     total = "—" if sub["bytes_total"] is None else f"{sub['bytes_total']:,}"
+    what = "score-first test-time training" if ttt else "sliding window"
     L.append(
-        f"**val_bpb (sliding window, mean of {len(runs)} seed{'s' if len(runs) != 1 else ''}): "
+        f"**val_bpb ({what}, mean of {len(runs)} seed{'s' if len(runs) != 1 else ''}): "
         f"{_fmt(vb, '.8f')}** (std {_fmt(std, '.8f')}), val_loss {_fmt(sub['val_loss'], '.8f')}, "
         f"max total size {total} bytes"
     )
+    if ttt:
+        L.append("")
+        L.append(f"Without test-time training (sliding window): val_bpb {_fmt(sub['sliding_val_bpb'], '.8f')}, "
+                 f"val_loss {_fmt(sub['sliding_val_loss'], '.8f')}.")
     L.append("")
     L.append("## Method")
     L.append("")
@@ -758,42 +988,74 @@ def build_readme(
     L.append("")
     L.append("## Results")
     L.append("")
-    L.append("| Seed | Steps | Pre-quant bpb | Roundtrip bpb | Sliding bpb | Total bytes | Train time (s) | Eval time (s)† |")
-    L.append("|---|---|---|---|---|---|---|---|")
+    head = ["Seed", "Steps", "Pre-quant bpb", "Roundtrip bpb", "Sliding bpb"]
+    if ttt:
+        head += ["TTT bpb"]
+    head += ["Total bytes", "Train time (s)" + ("‡" if gptq else ""), "Eval time (s)†"]
+    if ttt:
+        head += ["TTT time (s)"]
+    L.append("| " + " | ".join(head) + " |")
+    L.append("|" + "---|" * len(head))
     for r in runs:
-        L.append(
-            f"| {r.seed if r.seed is not None else '?'} | {r.steps if r.steps is not None else '—'} | "
-            f"{_fmt(r.pre_quant_bpb, '.4f')} | {_fmt(r.rt_bpb, '.8f')} | {_fmt(r.sw_bpb, '.8f')} | "
-            f"{'—' if r.total_bytes is None else format(r.total_bytes, ',')} | "
-            f"{_fmt(None if r.train_time_ms is None else r.train_time_ms / 1000, '.3f')} | "
-            f"{_fmt(None if r.post_training_ms is None else r.post_training_ms / 1000, '.1f')} |"
-        )
+        row = [str(r.seed) if r.seed is not None else "?", str(r.steps) if r.steps is not None else "—",
+               _fmt(r.pre_quant_bpb, ".4f"), _fmt(r.rt_bpb, ".8f"), _fmt(r.sw_bpb, ".8f")]
+        if ttt:
+            row += [_fmt(r.ttt_bpb, ".8f")]
+        row += ["—" if r.total_bytes is None else format(r.total_bytes, ","), _seconds(r.train_budget_ms, ".3f"),
+                _seconds(r.post_training_ms, ".1f")]
+        if ttt:
+            row += [_seconds(r.ttt_ms, ".1f")]
+        L.append("| " + " | ".join(row) + " |")
     steps = [r.steps for r in runs if r.steps is not None]
-    tt = [r.train_time_ms / 1000 for r in runs if r.train_time_ms is not None]
-    et = [r.post_training_ms / 1000 for r in runs if r.post_training_ms is not None]
-    L.append(
-        f"| **mean** | {_fmt(statistics.fmean(steps) if steps else None, '.0f')} | {_fmt(sub['pre_quant_val_bpb'], '.4f')} | "
-        f"{_fmt(sub['int6_zstd_val_bpb'], '.8f')} | {_fmt(sub['val_bpb'], '.8f')} | "
-        f"{'—' if sub['bytes_total'] is None else 'max ' + format(sub['bytes_total'], ',')} | "
-        f"{_fmt(statistics.fmean(tt) if tt else None, '.3f')} | {_fmt(statistics.fmean(et) if et else None, '.1f')} |"
-    )
-    L.append(
-        f"| **std** | | {_fmt(_std([r.pre_quant_bpb for r in runs]), '.4f')} | {_fmt(_std([r.rt_bpb for r in runs]), '.8f')} | "
-        f"{_fmt(std, '.8f')} | | | |"
-    )
+    mean = ["**mean**", _fmt(statistics.fmean(steps) if steps else None, ".0f"), _fmt(sub["pre_quant_val_bpb"], ".4f"),
+            _fmt(sub["int6_zstd_val_bpb"], ".8f"), _fmt(sub["sliding_val_bpb"], ".8f")]
+    sd = ["**std**", "", _fmt(_std([r.pre_quant_bpb for r in runs]), ".4f"), _fmt(_std([r.rt_bpb for r in runs]), ".8f"),
+          _fmt(_std([r.sw_bpb for r in runs]), ".8f")]
+    if ttt:
+        mean += [_fmt(_mean([r.ttt_bpb for r in runs]), ".8f")]
+        sd += [_fmt(_std([r.ttt_bpb for r in runs]), ".8f")]
+    mean += ["—" if sub["bytes_total"] is None else "max " + format(sub["bytes_total"], ","),
+             _seconds(_mean_of([r.train_budget_ms for r in runs]), ".3f"),
+             _seconds(_mean_of([r.post_training_ms for r in runs]), ".1f")]
+    sd += ["", "", ""]
+    if ttt:
+        mean += [_seconds(_mean_of([r.ttt_ms for r in runs]), ".1f")]
+        sd += [""]
+    L.append("| " + " | ".join(mean) + " |")
+    L.append("| " + " | ".join(sd) + " |")
     L.append("")
-    L.append("Pre-quant = last periodic validation on the live weights; roundtrip = int6+zstd artifact, "
+    stride = _one_or_list([str(r.sw_stride) for r in runs if r.sw_stride is not None]) or "?"
+    notes = ("Pre-quant = last periodic validation on the live weights; roundtrip = int6+zstd artifact, "
              "non-overlapping eval; sliding = int6+zstd artifact, sliding-window eval "
-             f"(stride {_one_or_list([str(r.sw_stride) for r in runs if r.sw_stride is not None]) or '?'}), the submission score. "
-             "† post_training_time: serialization, round trip and evaluations after training.")
+             f"(stride {stride})")
+    if ttt:
+        notes += ("; TTT = int6+zstd artifact, legal score-first test-time training (every chunk scored before "
+                  "the model adapts on it), the submission score.")
+    else:
+        notes += ", the submission score."
+    notes += " † post_training_time: serialization, round trip and evaluations after training."
+    if gptq:
+        notes += " ‡ training plus GPTQ calibration (gptq:budget total_ms), the time counted against 600 s."
+    L.append(notes)
     L.append("")
     L.append(f"Code: {sub['bytes_code']:,} bytes; model int6+zstd: "
              f"{'—' if sub['bytes_model_int6_zstd'] is None else format(sub['bytes_model_int6_zstd'], ',')} bytes (max over seeds).")
     L.append("")
+    if curves:
+        L.append(f"![loss curves]({curves})")
+        L.append("")
+        L.append(f"`{curves}`: train loss, validation loss and val_bpb against training time, one colour per seed "
+                 "(drawn by `records/plot_curves.py`).")
+        L.append("")
     L.append("## Compliance")
     L.append("")
     for k, v in comp.flags.items():
         L.append(f"- {k}: {'yes' if v else '**NO**'}")
+    if comp.artifacts:
+        L.append("")
+        for a in comp.artifacts:
+            L.append(f"Artifact `{a['file']}`: sha256 `{a['sha256']}`, {a['bytes']:,} bytes, equals the `artifact:` line "
+                     f"of {a['log']}.")
     if comp.failures:
         L.append("")
         L.append("Failed checks (this is why it is a non-record submission):")
@@ -810,7 +1072,10 @@ def build_readme(
         L.append("")
     L.append("## Run command")
     L.append("")
-    L.append("Rebuilt from the logged hyperparameters (only values that differ from the script defaults):")
+    L.append("Rebuilt from the logged hyperparameters (only values that differ from the script defaults). Data and "
+             "tokenizer are the challenge's, at the script's defaults (`DATA_PATH=./data/datasets/fineweb10B_sp1024`, "
+             "`TOKENIZER_PATH=./data/tokenizers/fineweb_1024_bpe.model`; fetch them with "
+             "`python data/cached_challenge_fineweb.py --variant sp1024`):")
     if defaults_error:
         L.append("")
         L.append(f"(script defaults could not be loaded — {defaults_error} — so every logged hyperparameter is listed)")
@@ -819,6 +1084,9 @@ def build_readme(
     L.append(command)
     L.append("```")
     L.append("")
+    if overrides:
+        L.append("Local overrides used for these logs: " + " ".join(f"`{k}={shlex.quote(v)}`" for k, v in overrides))
+        L.append("")
     L.append("## Files")
     L.append("")
     if comp.flags.get("same_script_all_seeds", True):
@@ -828,16 +1096,14 @@ def build_readme(
     for i, r in enumerate(runs):
         L.append(f"- `{_log_name(r, i, runs)}`: log of seed {r.seed}")
     L.append("- `submission.json`: metadata and per-seed results")
+    if curves:
+        L.append(f"- `{curves}`: loss curves of the logs")
     L.append("")
     return "\n".join(L)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
-
-
-class UsageError(Exception):
-    pass
 
 
 def _slug(name: str) -> str:
@@ -866,6 +1132,10 @@ def build_parser() -> argparse.ArgumentParser:
     sota = p.add_mutually_exclusive_group()
     sota.add_argument("--sota-bpb", type=float, default=None, help="current SOTA val_bpb for the significance test")
     sota.add_argument("--sota-loss", type=float, default=None, help="current SOTA val_loss (nats) for the significance test")
+    p.add_argument("--artifact", type=Path, action="append", default=[], metavar="PATH",
+                   help="a final_model.int6.ptz to verify: its sha256 and byte size must equal the "
+                        "'artifact:<path> bytes:<N> sha256:<hex>' line of one of the logs (repeatable, e.g. one per "
+                        "seed; the file is not copied)")
     p.add_argument("--out-root", type=Path, default=Path("records"), help="records root (default: records)")
     p.add_argument("--force", action="store_true", help="replace an existing submission folder")
     return p
@@ -880,14 +1150,35 @@ def _resolve_script(arg: Optional[Path]) -> Path:
     return Path(__file__).resolve().parent.parent / "train_gpt.py"
 
 
+DIR_MODE = 0o755
+FILE_MODE = 0o644
+
+
+def _make_dirs(path: Path) -> None:
+    """Create `path` and its missing parents with mode 0755 (set explicitly, whatever the umask)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        os.chmod(d, DIR_MODE)
+
+
 def _write_folder(dest: Path, files: dict[str, bytes], force: bool) -> None:
-    """Build the folder in a temp dir next to dest and rename it into place (never half-written)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """Build the folder (0755, files 0644) in a temp dir next to dest and rename it into place (never half-written)."""
+    _make_dirs(dest.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     backup: Optional[Path] = None
     try:
+        os.chmod(tmp, DIR_MODE)
         for name, data in files.items():
             (tmp / name).write_bytes(data)
+            os.chmod(tmp / name, FILE_MODE)
         if dest.exists():
             if not force:
                 raise UsageError(f"{dest} already exists (use --force to replace it)")
@@ -904,6 +1195,19 @@ def _write_folder(dest: Path, files: dict[str, bytes], force: bool) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
+def draw_curves(runs: Sequence[RunLog], title: str) -> tuple[Optional[bytes], Optional[str]]:
+    """(PNG bytes, None) of the logs' loss curves, or (None, why not) when no log has step lines.
+    matplotlib missing is a UsageError (never a silent skip)."""
+    curves = [plot_curves.parse_curve(r.path.read_bytes(), r.path) for r in runs]
+    drawable = [c for c in curves if not c.empty]
+    if not drawable:
+        return None, "no log has training step lines"
+    try:
+        return plot_curves.render_png(drawable, title), None
+    except plot_curves.CurveError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def package(args: argparse.Namespace) -> int:
     date = args.date or _dt.date.today().isoformat()
     try:
@@ -918,6 +1222,11 @@ def package(args: argparse.Namespace) -> int:
             raise UsageError(f"{log}: log file not found")
     if len({p.resolve() for p in args.logs}) != len(args.logs):
         raise UsageError("the same log file is given more than once")
+    artifacts: list[tuple[Path, str, int]] = []
+    for path in args.artifact:
+        if not path.is_file():
+            raise UsageError(f"--artifact {path}: file not found (expected the final_model.int6.ptz a log describes)")
+        artifacts.append((path, *sha256_file(path)))
     script_path = _resolve_script(args.script)
     if not script_path.is_file():
         raise UsageError(f"{script_path}: script not found (give --script)")
@@ -928,15 +1237,30 @@ def package(args: argparse.Namespace) -> int:
         raise UsageError(f"{dest} already exists (use --force to replace it)")
 
     runs = [parse_log(p) for p in args.logs]
-    comp = check_runs(runs, script)
+    comp = check_runs(runs, script, artifacts)
+    kind = score_kind(runs)
     for r in runs:
+        loss, bpb, _, _ = r.score(kind)
+        score = f"ttt val_bpb {_fmt(bpb, '.8f')} (sliding {_fmt(r.sw_bpb, '.8f')})" if kind == "ttt" \
+            else f"sliding val_bpb {_fmt(bpb, '.8f')}"
         print(
-            f"{r.name}: seed {r.seed} steps {r.steps} sliding val_bpb {_fmt(r.sw_bpb, '.8f')} "
-            f"total {r.total_bytes} bytes train {_fmt(r.train_time_ms, '.0f')}ms post-train {_fmt(r.post_training_ms, '.0f')}ms"
+            f"{r.name}: seed {r.seed} steps {r.steps} {score} "
+            f"total {r.total_bytes} bytes train {_fmt(r.train_budget_ms, '.0f')}ms post-train {_fmt(r.post_training_ms, '.0f')}ms"
         )
+    for a in comp.artifacts:
+        print(f"artifact {a['file']}: sha256 {a['sha256']} {a['bytes']} bytes = artifact: line of {a['log']}")
+    for note in comp.notes:
+        print(f"note: {note}")
+    for f in comp.failures:
+        print(f"FAIL {f}", file=sys.stderr)
+
+    significance = None
+    if args.sota_loss is not None or args.sota_bpb is not None:  # printed whether or not the checks pass
+        significance = significance_test(runs, sota_loss=args.sota_loss, sota_bpb=args.sota_bpb, kind=kind)
+        for line in format_significance(significance):
+            print(line)
+
     if comp.failures:
-        for f in comp.failures:
-            print(f"FAIL {f}", file=sys.stderr)
         if not args.non_record:
             print(f"not written: {len(comp.failures)} compliance check(s) failed "
                   "(fix them, or use --non-record for the non-record track)", file=sys.stderr)
@@ -944,24 +1268,26 @@ def package(args: argparse.Namespace) -> int:
         print(f"--non-record: packaging anyway; {len(comp.failures)} failure(s) listed in README and submission.json",
               file=sys.stderr)
 
-    significance = None
-    if args.sota_loss is not None or args.sota_bpb is not None:
-        significance = significance_test(runs, sota_loss=args.sota_loss, sota_bpb=args.sota_bpb)
-        for line in format_significance(significance):
-            print(line)
-
+    png, no_png = draw_curves(runs, args.name)
+    if no_png:
+        print(f"note: no {CURVES_FILE}: {no_png}")
     defaults, defaults_error = load_defaults(script_path, script)
     command = build_run_command(runs, defaults)
+    overrides = local_overrides(runs, defaults)
     sub = build_submission(runs, comp, args, track, script, significance)
-    readme = build_readme(runs, sub, comp, command, defaults_error, significance)
+    readme = build_readme(runs, sub, comp, command, defaults_error, significance, overrides,
+                          CURVES_FILE if png is not None else None)
     files: dict[str, bytes] = {"train_gpt.py": script}
     for i, r in enumerate(runs):
         files[_log_name(r, i, runs)] = r.path.read_bytes()
     files["submission.json"] = (json.dumps(_finite(sub), indent=2, allow_nan=False) + "\n").encode()
     files["README.md"] = readme.encode()
+    if png is not None:
+        files[CURVES_FILE] = png
     _write_folder(dest, files, args.force)
     print(f"wrote {dest}")
-    print(f"val_bpb {_fmt(sub['val_bpb'], '.8f')} (std {_fmt(sub['val_bpb_std'], '.8f')}) over seeds {sub['seeds']}")
+    print(f"val_bpb {_fmt(sub['val_bpb'], '.8f')} (std {_fmt(sub['val_bpb_std'], '.8f')}) over seeds {sub['seeds']}"
+          + (" (score-first test-time training)" if kind == "ttt" else ""))
     return 0
 
 

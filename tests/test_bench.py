@@ -36,3 +36,43 @@ def test_rejects_unknown_settings(capsys):
     with pytest.raises(SystemExit):
         bench.main(["NOT_A_SETTING=1"])
     assert "NOT_A_SETTING=1" in capsys.readouterr().err
+
+
+def test_prints_the_summary_of_a_good_log(tiny_run, capsys):
+    log = tiny_run / "logs" / "tiny.txt"
+    assert bench.main(["--log", str(log)]) == 0
+    expected = [f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in bench.summarise(log).items()]
+    out = capsys.readouterr().out.splitlines()
+    assert out == expected
+    assert out[:2] == ["world_size: 1", "attention: sdpa"] and "steps: 30" in out
+
+
+def test_missing_log_is_one_line(tmp_path, capsys):
+    assert bench.main(["--log", str(tmp_path / "nope.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"bench.py: error: {tmp_path / 'nope.txt'}: log file not found\n"
+
+
+def test_log_without_step_lines_is_one_line(tiny_run, tmp_path, capsys):
+    lines = (tiny_run / "logs" / "tiny.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    stripped = tmp_path / "no_steps.txt"
+    stripped.write_text("".join(l for l in lines if not l.startswith("step:")), encoding="utf-8")
+    assert bench.main(["--log", str(stripped)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"bench.py: error: {stripped}: no training step lines")
+
+
+def test_not_a_train_gpt_log_is_one_line(tmp_path, capsys):
+    other = tmp_path / "other.txt"
+    other.write_text("hello\n")
+    assert bench.main(["--log", str(other)]) == 2
+    assert capsys.readouterr().err == f"bench.py: error: {other}: no 'hparam' lines; is it a train_gpt.py log?\n"
+
+
+def test_missing_log_from_the_command_line(tmp_path):
+    import subprocess
+
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "--log", str(tmp_path / "x.txt")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr == f"bench.py: error: {tmp_path / 'x.txt'}: log file not found\n"  # no traceback

@@ -239,15 +239,53 @@ def test_make_shards_plain_text(tmp_path: Path, tiny_model: Path, capsys: pytest
     check_corpus_shards(out, tiny_model, docs, 4, ms.DEFAULT_SHARD_TOKENS, captured.out)
 
 
-def test_make_shards_all_validation(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
-    docs = make_docs(5)
-    corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+@pytest.mark.parametrize("val_args, n_docs", [([], 5), (["--val-docs", "5"], 5), (["--val-docs", "3"], 1)],
+                         ids=["default-50000", "equal-to-corpus", "single-document"])
+def test_make_shards_all_validation_is_an_error(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture,
+                                                val_args: list[str], n_docs: int) -> None:
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(n_docs))
     out = tmp_path / "out"
-    assert ms.main([str(corpus), "--tokenizer", str(tiny_model), "--out", str(out), "--val-docs", "50",
-                    "--no-progress"]) == 0
+    rc = ms.main([str(corpus), "--tokenizer", str(tiny_model), "--out", str(out), *val_args, "--no-progress"])
     captured = capsys.readouterr()
-    assert "no train shards" in captured.out
-    check_corpus_shards(out, tiny_model, docs, 5, ms.DEFAULT_SHARD_TOKENS, captured.out)
+    assert rc == 2 and captured.out == ""
+    line = one_error_line(captured.err)
+    val_docs = val_args[1] if val_args else "50000"
+    assert f"has {n_docs} document" in line and f"--val-docs is {val_docs}" in line and "no train shard" in line
+    if n_docs == 5:
+        assert line.endswith("pass --val-docs K with K < 5, e.g. --val-docs 1")
+    else:
+        assert "at least 2 documents" in line
+    assert not out.exists(), "nothing may be written"
+    no_temp_leftovers(tmp_path)
+
+
+def test_make_shards_all_validation_keeps_old_shards(tmp_path: Path, tiny_model: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    big = write_jsonl(tmp_path / "big.jsonl", make_docs(40))
+    assert ms.main([str(big), "--tokenizer", str(tiny_model), "--out", str(out), "--val-docs", "4",
+                    "--no-progress"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    small = write_jsonl(tmp_path / "small.jsonl", make_docs(20))
+    capsys.readouterr()
+    assert ms.main([str(small), "--tokenizer", str(tiny_model), "--out", str(out), "--overwrite",
+                    "--no-progress"]) == 2
+    assert "e.g. --val-docs 2" in one_error_line(capsys.readouterr().err)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    no_temp_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("val_docs, shard_tokens, expected", [("0", "100000000", "wrote 1 shard to"),
+                                                               ("2", "100000000", "wrote 2 shards to")])
+def test_make_shards_counts_shards_in_words(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture,
+                                           val_docs: str, shard_tokens: str, expected: str) -> None:
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(8))
+    out = tmp_path / "out"
+    assert ms.main([str(corpus), "--tokenizer", str(tiny_model), "--out", str(out), "--val-docs", val_docs,
+                    "--shard-tokens", shard_tokens, "--no-progress"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"{expected} {out}"
+    assert len(list(out.iterdir())) == int(expected.split()[1])
 
 
 @pytest.mark.skipif(not (REAL_MODEL.is_file() and REAL_DOCS.is_file()),
@@ -263,6 +301,20 @@ def test_make_shards_real_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixtur
     check_corpus_shards(out, REAL_MODEL, docs, 20, 100_000, captured.out)
     counts = parse_counts(captured.out)
     assert counts["val"]["documents"] + counts["train"]["documents"] == len(docs) == 200
+
+
+@pytest.mark.skipif(not (REAL_MODEL.is_file() and REAL_DOCS.is_file()),
+                    reason=f"real tokenizer/docs not found under {SHARED} (set PG_SHARED_DATA)")
+def test_make_shards_real_corpus_with_default_val_docs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "fineweb10B_sp1024"
+    rc = ms.main([str(REAL_DOCS), "--tokenizer", str(REAL_MODEL), "--out", str(out), "--no-progress"])
+    assert rc == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line == (f"make_shards.py: error: corpus {REAL_DOCS} has 200 documents and --val-docs is 50000, so all of "
+                    "them would be validation and no train shard would be written; pass --val-docs K with K < 200, "
+                    "e.g. --val-docs 20")
+    assert not out.exists()
+    no_temp_leftovers(tmp_path)
 
 
 def _bad_json(tmp: Path) -> Path:
@@ -668,3 +720,103 @@ def test_download_through_real_client(tmp_path: Path, hub: FakeHub) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cached_challenge_fineweb: the endpoint is announced before the first request; local folder problems are named
+
+
+@pytest.mark.parametrize("endpoint", [None, "http://hub-mirror.internal:8080"], ids=["default", "HF_ENDPOINT"])
+def test_download_announces_the_endpoint_before_connecting(tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch, endpoint: str | None) -> None:
+    if endpoint is None:
+        monkeypatch.delenv("HF_ENDPOINT", raising=False)
+        from huggingface_hub import constants
+
+        expected = constants.ENDPOINT
+    else:
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        expected = endpoint
+    printed_before_first_request: list[str] = []
+    real_call = hub.__call__
+
+    def watching(*args: Any, **kwargs: Any) -> str:
+        if not printed_before_first_request:
+            printed_before_first_request.append(capsys.readouterr().out)
+        return real_call(*args, **kwargs)
+
+    monkeypatch.setattr(ccf, "hf_hub_download", watching)
+    assert download(tmp_path / "data", "--train-shards", "1") == 0
+    (before,) = printed_before_first_request
+    assert before == f"connecting to {expected} for dataset {ccf.DEFAULT_REPO_ID}@main " \
+                     "(if the hub is unreachable this waits for the connection to time out)\n"
+    assert "connecting to" not in capsys.readouterr().out, "announced once per run"
+
+
+def test_download_nothing_to_fetch_does_not_announce(tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture) -> None:
+    assert download(tmp_path / "data", "--train-shards", "1") == 0
+    capsys.readouterr()
+    assert download(tmp_path / "data", "--train-shards", "1") == 0
+    assert "connecting to" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layout, expected", [
+    ("file", "--out {out} exists and is not a folder"),
+    ("under-file", "--out {out} cannot be created: {blocker} is not a folder"),
+], ids=["out-is-a-file", "out-under-a-file"])
+def test_download_out_not_a_folder(tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture,
+                                   layout: str, expected: str) -> None:
+    blocker = tmp_path / "data"
+    blocker.write_text("not a folder")
+    out = blocker if layout == "file" else blocker / "sub"
+    assert download(out) == 2
+    captured = capsys.readouterr()
+    assert one_error_line(captured.err) == f"{ccf.PROG}: error: " + expected.format(out=out, blocker=blocker)
+    assert hub.calls == [] and "connecting" not in captured.out
+    assert blocker.read_text() == "not a folder"
+
+
+def test_download_out_not_writable_is_named_before_the_hub(tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "data"
+    assert download(out, "--train-shards", "1") == 0
+    capsys.readouterr()
+    real_access = os.access
+    monkeypatch.setattr(ccf.os, "access", lambda p, mode: False if Path(p) == out else real_access(p, mode))
+    hub.calls.clear()
+    assert download(out, "--train-shards", "1") == 0, "a complete read-only copy needs no writing"
+    assert download(out, "--train-shards", "2") == 2
+    captured = capsys.readouterr()
+    assert one_error_line(captured.err) == f"{ccf.PROG}: error: --out {out} is not writable (no write permission)"
+    assert hub.calls == [] and "connecting" not in captured.out
+    assert local_files(out) == expected_files(1)
+
+
+def _without_permission_override() -> None:
+    """preexec_fn: drop CAP_DAC_OVERRIDE from the bounding set, so even root obeys the permission bits after exec."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(24, 1, 0, 0, 0) != 0:  # PR_CAPBSET_DROP, CAP_DAC_OVERRIDE
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_DAC_OVERRIDE) failed")
+
+
+def test_download_out_not_writable_real_permissions(tmp_path: Path) -> None:
+    """The real check in a separate process that has no write permission on --out (as root: without the
+    capability that lets root ignore permission bits)."""
+    out = tmp_path / "data"
+    out.mkdir()
+    out.chmod(0o555)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_ENDPOINT="http://127.0.0.1:9")
+    cmd = [sys.executable, str(REPO / "data" / "cached_challenge_fineweb.py"), "--out", str(out), "--no-progress"]
+    extra: dict[str, Any] = {"preexec_fn": _without_permission_override} if os.geteuid() == 0 else {}
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, **extra)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot start a process without CAP_DAC_OVERRIDE here ({exc})")
+    finally:
+        out.chmod(0o755)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert one_error_line(res.stderr) == f"{ccf.PROG}: error: --out {out} is not writable (no write permission)"
+    assert "connecting" not in res.stdout and list(out.iterdir()) == []

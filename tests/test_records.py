@@ -1,9 +1,13 @@
-"""Tests for records/package.py: log parsing, compliance checks, packaging, Student-t and significance."""
+"""Tests for records/package.py: log parsing, compliance checks, packaging and the significance test."""
 from __future__ import annotations
 
 import importlib.util
+import hashlib
 import json
 import math
+import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -93,8 +97,21 @@ def make_log(
     eval_only: bool = False,
     source: Optional[bytes] = None,
     size_exceeded: bool = False,
+    new_format: bool = False,
+    artifact: Optional[tuple[str, int, str]] = None,
+    ttt_loss: Optional[float] = None,
+    ttt_tokens: int = TOKENS,
+    ttt_ms: float = 310_000.0,
+    gptq: Optional[tuple[float, float, float]] = None,
+    budget_exceeded: Optional[str] = None,
+    subset_marker: bool = False,
 ) -> bytes:
-    """A train_gpt.py-style log. `omit` drops every line starting with one of the given prefixes."""
+    """A train_gpt.py-style log. `omit` drops every line starting with one of the given prefixes.
+
+    new_format: step lines carry the appended ` lr_mul:... time_left:...s` fields and `summary:` lines appear;
+    artifact: (path, bytes, sha256) for an `artifact:` line; ttt_loss: add the test-time-training lines;
+    gptq: (train_ms, calib_ms, total_ms) for a `gptq:budget` line; budget_exceeded: the text of a
+    `budget:exceeded` line; subset_marker: final lines end with ` subset`."""
     src = script["bytes"] if source is None else source
     hp = dict(script["defaults"])
     hp.update({"SEED": str(seed), "RUN_ID": f"run_{seed}"})
@@ -136,20 +153,42 @@ def make_log(
     ]
     if size_exceeded:
         lines.append(f"size_limit:exceeded total:{model_bytes + code} limit:16000000 over_by:{model_bytes + code - 16_000_000}")
-    lines += [
+    if artifact is not None:
+        lines.append(f"artifact:{artifact[0]} bytes:{artifact[1]} sha256:{artifact[2]}")
+    if gptq is not None:
+        lines.append(f"gptq:budget train_ms:{gptq[0]:.0f} calib_ms:{gptq[1]:.0f} total_ms:{gptq[2]:.0f} limit_ms:600000")
+    if budget_exceeded is not None:
+        lines.append(budget_exceeded)
+    finals = [
         f"final_int6_roundtrip val_loss:{rt_loss:.4f} val_bpb:{rt_loss * ratio:.4f} eval_time:5800ms",
         f"final_int6_roundtrip_exact val_loss:{rt_loss:.8f} val_bpb:{rt_loss * ratio:.8f} tokens:{TOKENS - 1024} bytes:{BYTES - 2000}",
         f"final_int6_sliding_window val_loss:{sw_loss:.4f} val_bpb:{sw_loss * ratio:.4f} stride:64 eval_time:73100ms",
         f"final_int6_sliding_window_exact val_loss:{sw_loss:.8f} val_bpb:{sw_loss * ratio:.8f} tokens:{sw_tokens} bytes:{BYTES}",
-        f"post_training_time:{post_training_ms:.0f}ms",
     ]
+    if ttt_loss is not None:
+        finals += [
+            f"final_int6_ttt val_loss:{ttt_loss:.4f} val_bpb:{ttt_loss * ratio:.4f} stride:64 chunk_tokens:32768 "
+            f"eval_time:{ttt_ms - 1000:.0f}ms",
+            f"final_int6_ttt_exact val_loss:{ttt_loss:.8f} val_bpb:{ttt_loss * ratio:.8f} tokens:{ttt_tokens} bytes:{BYTES}",
+        ]
+    if subset_marker:
+        finals = [ln + " subset" for ln in finals]
+    lines += finals
+    if ttt_loss is not None:
+        lines.append(f"ttt_time:{ttt_ms:.0f}ms")
+    lines.append(f"post_training_time:{post_training_ms:.0f}ms")
+    if new_format:
+        lines = [ln + " lr_mul:0.0012 time_left:0.1s" if re.match(r"step:\d+/\d+ (train|val)_loss", ln) else ln
+                 for ln in lines]
+        lines.insert(lines.index(f"seed:{seed}") + 1, "summary: params:26829913 layers:11 dim:512")
+        lines.append(f"summary: val_bpb:{sw_loss * ratio:.8f} bytes_total:{model_bytes + code}")
     lines = [ln for ln in lines if not any(ln.startswith(p) for p in omit)]
     return src + ("\n".join(lines) + "\n").encode()
 
 
 def write_logs(tmp_path: Path, script: dict[str, Any], specs: list[dict[str, Any]]) -> list[Path]:
     paths = []
-    (tmp_path / "logs").mkdir(exist_ok=True)
+    (tmp_path / "logs").mkdir(parents=True, exist_ok=True)
     for i, spec in enumerate(specs):
         p = tmp_path / "logs" / f"run{i}.txt"
         p.write_bytes(make_log(script, **spec))
@@ -178,35 +217,6 @@ def record_dir(tmp_path: Path, track: str = "track_10min_16mb") -> Path:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Student t
-
-
-@pytest.mark.parametrize(
-    "t,df,upper",
-    [
-        (2.0, 2, 0.09175171),  # closed form 1/2 - t/(2 sqrt(t^2+2))
-        (3.747, 4, 0.01),  # t_{0.99,4}
-        (6.965, 2, 0.01),  # t_{0.99,2}
-        (2.015, 5, 0.05),  # t_{0.95,5}
-        (1.0, 1, 0.25),  # Cauchy: 1/2 - atan(1)/pi
-        (0.0, 7, 0.5),
-        (1.959964, 1e7, 0.025),  # normal limit
-    ],
-)
-def test_student_t_known_values(t: float, df: float, upper: float) -> None:
-    assert pkg.student_t_sf(t, df) == pytest.approx(upper, abs=2e-5)
-    assert pkg.student_t_cdf(-t, df) == pytest.approx(upper, abs=2e-5)
-    assert pkg.student_t_cdf(t, df) + pkg.student_t_sf(t, df) == pytest.approx(1.0, abs=1e-12)
-
-
-def test_student_t_closed_forms_on_grid() -> None:
-    for t in (-5.0, -1.3, -0.2, 0.4, 2.7, 9.0):
-        assert pkg.student_t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)
-        assert pkg.student_t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(t * t + 2)), abs=1e-12)
-    assert pkg.regularized_incomplete_beta(2.0, 3.0, 0.4) == pytest.approx(0.5248, abs=1e-12)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Significance
 
 
@@ -229,8 +239,39 @@ def test_significance_clear_pass_and_fail() -> None:
 def test_significance_hand_computed_t() -> None:
     losses = [1.8900, 1.8910, 1.8920]  # threshold 1.895 -> d = -5e-3, -4e-3, -3e-3, mean -4e-3, sd 1e-3
     res = pkg.significance_test(_runs(losses), sota_loss=1.9000)
-    assert res["t"] == pytest.approx(-4e-3 / (1e-3 / math.sqrt(3)), rel=1e-6)
-    assert res["p_value"] == pytest.approx(pkg.student_t_cdf(-6.92820323, 2), rel=1e-6)
+    t = -4e-3 / (1e-3 / math.sqrt(3))
+    assert res["t"] == pytest.approx(t, rel=1e-6)
+    # Student t with 2 degrees of freedom has the closed form P(T <= t) = 1/2 + t / (2 sqrt(t^2 + 2))
+    assert res["p_value"] == pytest.approx(0.5 + t / (2 * math.sqrt(t * t + 2)), rel=1e-9)
+    assert res["p_value"] == pytest.approx(0.0101021, abs=1e-6) and not res["passed"]  # just misses p < 0.01
+
+
+def test_significance_two_seeds_cauchy_closed_form() -> None:
+    """df = 1 is the Cauchy distribution: P(T <= t) = 1/2 + atan(t) / pi."""
+    res = pkg.significance_test(_runs([1.8800, 1.8860]), sota_loss=1.9000)  # d = -0.015, -0.009
+    t = -0.012 / (math.sqrt(0.000018) / math.sqrt(2))
+    assert res["df"] == 1 and res["t"] == pytest.approx(t, rel=1e-6)
+    assert res["p_value"] == pytest.approx(0.5 + math.atan(t) / math.pi, rel=1e-9)
+    assert not res["passed"]  # t = -4, p = 0.078: two seeds rarely clear p < 0.01
+
+
+def test_hand_written_student_t_is_gone() -> None:
+    for name in ("student_t_cdf", "student_t_sf", "regularized_incomplete_beta", "_beta_continued_fraction"):
+        assert not hasattr(pkg, name), name
+    assert "continued fraction" not in PACKAGE_PY.read_text()
+
+
+def test_significance_without_scipy_is_one_clear_error(tmp_path: Path, script_info: dict[str, Any],
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy now raises ImportError
+    logs = write_logs(tmp_path, script_info, GOOD)
+    assert run_pkg(tmp_path, script_info, logs, "--sota-loss", "1.91") == 2
+    err = capsys.readouterr().err
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+        "error: scipy is not installed; the significance test needs it (pip install scipy, or pip install -r "
+        "requirements.txt)"]
+    assert out_files(tmp_path) == []
 
 
 def test_significance_bpb_conversion_matches_loss() -> None:
@@ -258,7 +299,8 @@ def test_good_three_seed_package(tmp_path: Path, script_info: dict[str, Any], ca
     assert run_pkg(tmp_path, script_info, logs, "--sota-loss", "1.9100") == 0
     d = record_dir(tmp_path)
     assert sorted(p.name for p in d.iterdir()) == sorted(
-        ["README.md", "submission.json", "train_gpt.py", "train_seed1337.log", "train_seed42.log", "train_seed2025.log"]
+        ["README.md", "curves.png", "submission.json", "train_gpt.py", "train_seed1337.log", "train_seed42.log",
+         "train_seed2025.log"]
     )
     # nothing else (no temp dirs) beside the record folder
     assert [p.name for p in d.parent.iterdir()] == [d.name]
@@ -443,7 +485,7 @@ def test_cli_help() -> None:
     res = subprocess.run([sys.executable, str(PACKAGE_PY), "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0
     for opt in ("--name", "--author", "--github-id", "--blurb", "--date", "--script", "--non-record",
-                "--sota-bpb", "--sota-loss", "--out-root", "--force"):
+                "--sota-bpb", "--sota-loss", "--out-root", "--force", "--artifact"):
         assert opt in res.stdout
 
 
@@ -508,6 +550,13 @@ def test_real_tiny_training_logs_package(tmp_path: Path, script_info: dict[str, 
     assert "torchrun --standalone --nproc_per_node=1 train_gpt.py" in readme
     assert "NUM_LAYERS=3 " in readme and "RUN_ID=" not in readme
     assert "could not be loaded" not in readme
+    # the command runs on the challenge's data; the tiny runs' private paths are listed apart
+    cmd = readme_command(readme)
+    assert "DATA_PATH=" not in cmd and "TOKENIZER_PATH=" not in cmd and str(tmp_path) not in cmd
+    (line,) = [ln for ln in readme.splitlines() if ln.startswith("Local overrides used for these logs: ")]
+    assert f"`DATA_PATH={runs[0].hparams['DATA_PATH']}`" in line and "`TOKENIZER_PATH=" in line
+    # the picture of the two real runs
+    assert (d / "curves.png").read_bytes().startswith(b"\x89PNG") and "![loss curves](curves.png)" in readme
 
 
 def test_non_record_with_a_different_script_says_so(tmp_path: Path, script_info: dict[str, Any]) -> None:
@@ -520,3 +569,355 @@ def test_non_record_with_a_different_script_says_so(tmp_path: Path, script_info:
     readme = (record_dir(tmp_path, "track_non_record_16mb") / "README.md").read_text()
     assert "does NOT match every log's embedded script" in readme
     assert "the exact script embedded in every log" not in readme
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Issue 11: run command paths, significance on failure, one FAIL line per cause, modes, artifact hash, TTT,
+# budgets, subset marker, new log forms, the loss-curve picture
+
+
+def fail_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("FAIL ")]
+
+
+def readme_command(readme: str) -> str:
+    return readme.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def test_run_command_uses_challenge_paths_and_lists_local_overrides(tmp_path: Path, script_info: dict[str, Any]) -> None:
+    private = tmp_path / "private"
+    local = {"DATA_PATH": str(private / "data"), "TOKENIZER_PATH": str(private / "tok.model"),
+             "TRAIN_FILES": str(private / "train_*.bin"), "VAL_FILES": str(private / "val_*.bin")}
+    names = [n for n in script_info["names"] if n not in ("RUN_ID", "SEED") and n not in local]
+    other = next(n for n in names if script_info["defaults"][n].isdigit())
+    overrides = dict(local, **{other: str(int(script_info["defaults"][other]) + 1)})
+    logs = write_logs(tmp_path, script_info, [dict(s, overrides=overrides) for s in GOOD])
+    assert run_pkg(tmp_path, script_info, logs) == 0
+    readme = (record_dir(tmp_path) / "README.md").read_text()
+    cmd = readme_command(readme)
+    assert str(private) not in cmd
+    for name in local:
+        assert f"{name}=" not in cmd
+    assert f"{other}={overrides[other]} SEED=$SEED torchrun" in cmd  # other settings stay on the command
+    (line,) = [ln for ln in readme.splitlines() if ln.startswith("Local overrides used for these logs: ")]
+    for name, value in local.items():
+        assert f"`{name}={shlex.quote(value)}`" in line  # globs quoted, ready to paste into a shell
+    assert "DATA_PATH=./data/datasets/fineweb10B_sp1024" in readme
+    assert "TOKENIZER_PATH=./data/tokenizers/fineweb_1024_bpe.model" in readme
+
+
+def test_run_command_without_local_overrides_has_no_overrides_line(tmp_path: Path, script_info: dict[str, Any]) -> None:
+    logs = write_logs(tmp_path, script_info, GOOD)
+    assert run_pkg(tmp_path, script_info, logs) == 0
+    assert "Local overrides" not in (record_dir(tmp_path) / "README.md").read_text()
+
+
+def test_run_command_without_script_defaults_still_leaves_data_paths_out() -> None:
+    """When the script's defaults cannot be loaded, data paths equal to the challenge's are not overrides."""
+    hp = {"DATA_PATH": "./data/datasets/fineweb10B_sp1024", "TOKENIZER_PATH": "/mine/tok.model", "TRAIN_FILES": "",
+          "NUM_LAYERS": "11", "RUN_ID": "x", "SEED": "1"}
+    runs = [pkg.RunLog(path=Path("a"), seed=1, world_size=8, hparams=hp)]
+    assert pkg.build_run_command(runs, None) == "NUM_LAYERS=11 SEED=1 torchrun --standalone --nproc_per_node=8 train_gpt.py"
+    assert pkg.local_overrides(runs, None) == [("TOKENIZER_PATH", "/mine/tok.model")]
+
+
+def test_significance_printed_even_when_compliance_fails(tmp_path: Path, script_info: dict[str, Any],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    logs = write_logs(tmp_path, script_info, [GOOD[0], dict(GOOD[1], train_time_ms=650_000.0), GOOD[2]])
+    assert run_pkg(tmp_path, script_info, logs, "--sota-loss", "1.9100") == 1
+    captured = capsys.readouterr()
+    assert "Significance: one-sided" in captured.out and "result: PASS (p < 0.01)" in captured.out
+    assert len(fail_lines(captured.err)) == 1 and "not written" in captured.err
+    assert out_files(tmp_path) == []
+
+
+ONE_LINE_CAUSES = [
+    # (id, specs, index of the log at fault, expected text)
+    ("val_subset", [dict(GOOD[0], val_subset=True, overrides={"VAL_MAX_TOKENS": "1048576"}, sw_tokens=1_048_576,
+                         subset_marker=True), GOOD[1]], 0, "validation subset used"),
+    ("script_differs", [GOOD[0], dict(GOOD[1], source=b"print('other')\n")], 1, "embedded script differs"),
+    ("eval_only", [GOOD[0], dict(GOOD[1], eval_only=True, overrides={"EVAL_ONLY": "final_model.int6.ptz"},
+                                 omit=("step:", "stopping_early"))], 1, "eval-only run"),
+    ("wallclock_cap_high", [GOOD[0], dict(GOOD[1], overrides={"MAX_WALLCLOCK_SECONDS": "900.0"})], 1,
+     "MAX_WALLCLOCK_SECONDS=900.0"),
+    ("cap_off_and_over", [dict(GOOD[0], overrides={"MAX_WALLCLOCK_SECONDS": "0.0"}, train_time_ms=700_000.0)], 0,
+     "MAX_WALLCLOCK_SECONDS=0.0"),
+    ("budget_line_and_total_over", [dict(GOOD[0], gptq=(590_000.0, 15_000.0, 605_000.0),
+                                         budget_exceeded="budget:exceeded gptq total_ms:605000 limit_ms:600000")], 0,
+     "budget:exceeded gptq total_ms:605000"),
+]
+
+
+@pytest.mark.parametrize("specs,bad,message", [c[1:] for c in ONE_LINE_CAUSES], ids=[c[0] for c in ONE_LINE_CAUSES])
+def test_one_fail_line_per_cause(tmp_path: Path, script_info: dict[str, Any], capsys: pytest.CaptureFixture[str],
+                                 specs: list[dict[str, Any]], bad: int, message: str) -> None:
+    logs = write_logs(tmp_path, script_info, specs)
+    assert run_pkg(tmp_path, script_info, logs) == 1
+    lines = fail_lines(capsys.readouterr().err)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"FAIL {logs[bad]}: ") and message in lines[0]
+    assert out_files(tmp_path) == []
+
+
+def test_one_line_per_check_lists_every_problem_of_that_log(tmp_path: Path, script_info: dict[str, Any],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    logs = write_logs(tmp_path, script_info, [dict(GOOD[0], omit=("final_int6_roundtrip_exact", "seed:"),
+                                                   overrides={"SEED": ""})])
+    assert run_pkg(tmp_path, script_info, logs) == 1
+    (line,) = fail_lines(capsys.readouterr().err)
+    assert "missing final line(s): final_int6_roundtrip_exact" in line and "no 'seed:' line" in line
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o002])
+def test_folder_and_file_modes_do_not_depend_on_umask(tmp_path: Path, script_info: dict[str, Any], umask: int) -> None:
+    logs = write_logs(tmp_path, script_info, GOOD)
+    old = os.umask(umask)
+    try:
+        assert run_pkg(tmp_path, script_info, logs) == 0
+    finally:
+        os.umask(old)
+    d = record_dir(tmp_path)
+    for folder in (tmp_path / "out", tmp_path / "out" / "track_10min_16mb", d):
+        assert folder.stat().st_mode & 0o777 == 0o755, folder
+    files = list(d.iterdir())
+    assert len(files) == 7
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o644, f
+
+
+def _artifact(tmp_path: Path, name: str, data: bytes) -> tuple[Path, tuple[str, int, str]]:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path, ("final_model.int6.ptz", len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_artifact_hash_matches_a_log(tmp_path: Path, script_info: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    blobs = [os.urandom(1000 + i) for i in range(3)]
+    arts = [_artifact(tmp_path, f"seed{i}.ptz", b) for i, b in enumerate(blobs)]
+    logs = write_logs(tmp_path, script_info, [dict(s, artifact=a[1], new_format=True) for s, a in zip(GOOD, arts)])
+    assert run_pkg(tmp_path, script_info, logs, "--artifact", str(arts[2][0]), "--artifact", str(arts[0][0])) == 0
+    out = capsys.readouterr().out
+    assert f"sha256 {arts[2][1][2]} 1002 bytes = artifact: line of {logs[2]}" in out
+    d = record_dir(tmp_path)
+    assert not [p for p in d.iterdir() if p.suffix == ".ptz"], "the artifact is not copied"
+    sub = json.loads((d / "submission.json").read_text())
+    assert sub["compliance"]["artifact_matches_log"] is True
+    assert [(a["file"], a["sha256"], a["bytes"]) for a in sub["artifacts_verified"]] == [
+        ("seed2.ptz", arts[2][1][2], 1002), ("seed0.ptz", arts[0][1][2], 1000)]
+    assert sub["seed_results"]["42"]["artifact_sha256"] == arts[1][1][2]
+    assert arts[0][1][2] in (d / "README.md").read_text()
+
+
+def test_artifact_hash_mismatch_names_file_and_both_hashes(tmp_path: Path, script_info: dict[str, Any],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    path, logged = _artifact(tmp_path, "final_model.int6.ptz", b"the logged artifact")
+    logs = write_logs(tmp_path, script_info, [dict(GOOD[0], artifact=logged)])
+    path.write_bytes(b"a different artifact")  # e.g. overwritten by a later run
+    actual = hashlib.sha256(b"a different artifact").hexdigest()
+    assert run_pkg(tmp_path, script_info, logs, "--artifact", str(path)) == 1
+    (line,) = fail_lines(capsys.readouterr().err)
+    assert line.startswith(f"FAIL --artifact {path}: ") and actual in line and logged[2] in line
+    assert out_files(tmp_path) == []
+
+
+def test_artifact_with_old_logs_cannot_be_matched(tmp_path: Path, script_info: dict[str, Any],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    path, _ = _artifact(tmp_path, "final_model.int6.ptz", b"blob")
+    logs = write_logs(tmp_path, script_info, GOOD[:2])  # older logs: no artifact: line
+    assert run_pkg(tmp_path, script_info, logs, "--artifact", str(path)) == 1
+    captured = capsys.readouterr()
+    (line,) = fail_lines(captured.err)
+    assert str(path) in line and "cannot be matched" in line and "no log has an 'artifact:' line" in line
+    notes = [ln for ln in captured.out.splitlines() if ln.startswith("note: ")]
+    assert len(notes) == 2 and all("no 'artifact:' line" in n for n in notes)
+    # --non-record packages it with the failure listed
+    assert run_pkg(tmp_path, script_info, logs, "--artifact", str(path), "--non-record") == 0
+    sub = json.loads((record_dir(tmp_path, "track_non_record_16mb") / "submission.json").read_text())
+    assert sub["compliance"]["artifact_matches_log"] is False and "artifacts_verified" not in sub
+
+
+def test_artifact_matches_while_another_log_is_old(tmp_path: Path, script_info: dict[str, Any],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path, logged = _artifact(tmp_path, "a.ptz", b"blob-1337")
+    logs = write_logs(tmp_path, script_info, [dict(GOOD[0], artifact=logged), GOOD[1]])
+    assert run_pkg(tmp_path, script_info, logs, "--artifact", str(path)) == 0
+    out = capsys.readouterr().out
+    assert f"note: {logs[1]}: no 'artifact:' line" in out and f"note: {logs[0]}" not in out
+
+
+def test_artifact_missing_file_is_usage_error(tmp_path: Path, script_info: dict[str, Any],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    logs = write_logs(tmp_path, script_info, GOOD[:1])
+    assert run_pkg(tmp_path, script_info, logs, "--artifact", str(tmp_path / "nope.ptz")) == 2
+    assert f"error: --artifact {tmp_path / 'nope.ptz'}: file not found" in capsys.readouterr().err
+    assert out_files(tmp_path) == []
+
+
+TTT = [dict(GOOD[0], ttt_loss=1.8700), dict(GOOD[1], ttt_loss=1.8720), dict(GOOD[2], ttt_loss=1.8710)]
+
+
+def test_parse_ttt_budget_artifact_and_subset_lines(tmp_path: Path, script_info: dict[str, Any]) -> None:
+    sha = "ab" * 32
+    (log,) = write_logs(tmp_path, script_info, [dict(GOOD[0], ttt_loss=1.87, ttt_ms=312_345.0, new_format=True,
+                                                     artifact=("final_model.int6.ptz", 15_500_000, sha),
+                                                     gptq=(590_000.0, 9_000.0, 599_000.0), subset_marker=True,
+                                                     budget_exceeded="budget:exceeded eval total_ms:601000")])
+    run = pkg.parse_log(log)
+    ratio = TOKENS / (BYTES * math.log(2))
+    assert run.ttt_loss == pytest.approx(1.87) and run.ttt_bpb == pytest.approx(1.87 * ratio, abs=1e-8)
+    assert (run.ttt_tokens, run.ttt_bytes) == (TOKENS, BYTES)
+    assert (run.ttt_stride, run.ttt_chunk_tokens, run.ttt_eval_ms, run.ttt_ms) == (64, 32768, 311_345.0, 312_345.0)
+    assert run.ttt_loss4 == pytest.approx(1.87)
+    assert (run.artifact_name, run.artifact_bytes, run.artifact_sha256) == ("final_model.int6.ptz", 15_500_000, sha)
+    assert (run.gptq_train_ms, run.gptq_calib_ms, run.gptq_total_ms, run.gptq_limit_ms) == (590_000, 9_000, 599_000, 600_000)
+    assert run.budget_exceeded_lines == ["budget:exceeded eval total_ms:601000"]
+    # ` subset` at the end of the final lines does not stop them from parsing, and is remembered
+    assert run.sw_loss == pytest.approx(1.89) and run.sw_tokens == TOKENS and run.rt_tokens == TOKENS - 1024
+    assert run.sw_stride == 64 and run.sw_eval_ms == 73_100
+    assert len(run.subset_lines) == 6 and all(ln.endswith(" subset") for ln in run.subset_lines)
+    # the new step-line form (lr_mul/time_left appended) parses like the old one; summary lines are ignored
+    assert run.steps == 7000 and run.train_time_ms == 599_950 and run.pre_quant_loss == pytest.approx(1.92)
+
+
+def test_ttt_line_is_the_score(tmp_path: Path, script_info: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    logs = write_logs(tmp_path, script_info, TTT)
+    assert run_pkg(tmp_path, script_info, logs, "--sota-bpb", "1.1194") == 0
+    d = record_dir(tmp_path)
+    sub = json.loads((d / "submission.json").read_text())
+    ratio = TOKENS / (BYTES * math.log(2))
+    ttt_bpbs = [float(f"{x * ratio:.8f}") for x in (1.87, 1.872, 1.871)]
+    sw_bpbs = [float(f"{x * ratio:.8f}") for x in (1.89, 1.891, 1.892)]
+    assert sub["val_loss"] == pytest.approx(1.871, abs=1e-8)
+    assert sub["val_bpb"] == pytest.approx(sum(ttt_bpbs) / 3, abs=1e-8)
+    assert sub["sliding_val_bpb"] == pytest.approx(sum(sw_bpbs) / 3, abs=1e-8)
+    assert sub["score_line"] == "final_int6_ttt_exact"
+    sr = sub["seed_results"]["42"]
+    assert sr["val_loss"] == pytest.approx(1.872) and sr["sliding_val_loss"] == pytest.approx(1.891)
+    assert sr["ttt_time_ms"] == 310_000 and sr["ttt_chunk_tokens"] == 32768
+    sig = sub["significance"]
+    assert sig["score"] == "ttt" and sig["mean_val_loss"] == pytest.approx(1.871, abs=1e-8)
+    assert "final_int6_ttt_exact" in sig["conversion"]
+    readme = (d / "README.md").read_text()
+    header = next(ln for ln in readme.splitlines() if ln.startswith("| Seed |"))
+    assert "| Sliding bpb | TTT bpb |" in header
+    row = next(ln for ln in readme.splitlines() if ln.startswith("| 1337 |"))
+    assert f"| {sw_bpbs[0]:.8f} | {ttt_bpbs[0]:.8f} |" in row and "| 310.0 |" in row
+    assert "score-first test-time training, mean of 3 seeds" in readme
+    assert "ttt val_bpb" in capsys.readouterr().out
+
+
+def test_sliding_score_without_ttt_lines(tmp_path: Path, script_info: dict[str, Any]) -> None:
+    logs = write_logs(tmp_path, script_info, GOOD)
+    assert run_pkg(tmp_path, script_info, logs) == 0
+    d = record_dir(tmp_path)
+    sub = json.loads((d / "submission.json").read_text())
+    assert sub["score_line"] == "final_int6_sliding_window_exact" and sub["val_loss"] == pytest.approx(1.891)
+    assert "ttt_val_bpb" not in sub["seed_results"]["42"] and "TTT bpb" not in (d / "README.md").read_text()
+
+
+TTT_FAILURES = [
+    ("ttt_missing_in_one_log", [TTT[0], GOOD[1]], 1, "missing final line(s): final_int6_ttt, final_int6_ttt_exact, ttt_time"),
+    ("ttt_not_all_targets", [TTT[0], dict(TTT[1], ttt_tokens=TOKENS - 64)], 1,
+     f"ttt eval scored {TOKENS - 64} tokens but the validation set has {TOKENS} targets"),
+    ("ttt_over_600s", [dict(TTT[0], ttt_ms=640_000.0)], 0, "ttt_time 640000ms > 600000ms"),
+    ("gptq_total_over", [dict(GOOD[0], train_time_ms=590_000.0, gptq=(590_000.0, 15_000.0, 605_000.0))], 0,
+     "gptq:budget total_ms 605000ms (train 590000ms + GPTQ calibration 15000ms) > 600000ms"),
+    ("budget_exceeded_line", [GOOD[0], dict(GOOD[1], budget_exceeded="budget:exceeded ttt eval_ms:612000 limit_ms:600000")],
+     1, "log reports budget:exceeded ttt eval_ms:612000 limit_ms:600000"),
+    ("subset_marker_only", [dict(GOOD[0], subset_marker=True)], 0, "final line(s) marked subset: final_int6_roundtrip,"),
+]
+
+
+@pytest.mark.parametrize("specs,bad,message", [c[1:] for c in TTT_FAILURES], ids=[c[0] for c in TTT_FAILURES])
+def test_ttt_budget_and_subset_failures(tmp_path: Path, script_info: dict[str, Any], capsys: pytest.CaptureFixture[str],
+                                        specs: list[dict[str, Any]], bad: int, message: str) -> None:
+    logs = write_logs(tmp_path, script_info, specs)
+    assert run_pkg(tmp_path, script_info, logs) == 1
+    lines = fail_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith(f"FAIL {logs[bad]}: ") and message in lines[0], lines
+    assert out_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("line,flag", [
+    ("budget:exceeded training total_ms:607000 limit_ms:600000 (raise GPTQ_RESERVE_SECONDS)", "train_under_600s"),
+    ("budget:exceeded evaluation total_ms:601000 limit_ms:600000", "eval_under_600s"),
+    ("budget:exceeded ttt total_ms:601000", "eval_under_600s"),
+    ("budget:exceeded gptq calib_ms:9000 post-check", "train_under_600s"),
+])
+def test_budget_exceeded_line_goes_to_its_budget(line: str, flag: str) -> None:
+    assert pkg._budget_flag(line) == flag
+
+
+def test_ttt_line_without_stride(tmp_path: Path, script_info: dict[str, Any]) -> None:
+    """With non-overlapping windows train_gpt.py writes no stride: on the TTT line."""
+    (log,) = write_logs(tmp_path, script_info, [TTT[0]])
+    text = log.read_text()
+    assert text.count(" stride:64 chunk_tokens:32768") == 1
+    log.write_text(text.replace(" stride:64 chunk_tokens:32768", " chunk_tokens:32768"))
+    run = pkg.parse_log(log)
+    assert run.ttt_stride is None and run.ttt_chunk_tokens == 32768 and run.ttt_eval_ms == 309_000
+
+
+def test_budget_exceeded_flags(tmp_path: Path, script_info: dict[str, Any]) -> None:
+    logs = write_logs(tmp_path, script_info, [
+        dict(GOOD[0], budget_exceeded="budget:exceeded gptq train_ms:598000 calib_ms:9000 total_ms:607000"),
+        dict(GOOD[1], budget_exceeded="budget:exceeded eval post_training_ms:601000")])
+    comp = pkg.check_runs([pkg.parse_log(p) for p in logs], script_info["bytes"])
+    assert comp.flags["train_under_600s"] is False and comp.flags["eval_under_600s"] is False
+    assert len(comp.failures) == 2
+
+
+def test_gptq_budget_total_is_the_training_time(tmp_path: Path, script_info: dict[str, Any]) -> None:
+    logs = write_logs(tmp_path, script_info, [dict(s, train_time_ms=588_000.0, gptq=(588_000.0, 11_000.0, 599_000.0))
+                                              for s in GOOD])
+    assert run_pkg(tmp_path, script_info, logs) == 0
+    d = record_dir(tmp_path)
+    sub = json.loads((d / "submission.json").read_text())
+    assert sub["seed_results"]["42"]["train_budget_ms"] == 599_000 and sub["seed_results"]["42"]["gptq_calib_ms"] == 11_000
+    readme = (d / "README.md").read_text()
+    assert "Train time (s)‡" in readme and "| 599.000 |" in readme and "GPTQ calibration" in readme
+
+
+def test_new_log_forms_package_like_old_ones(tmp_path: Path, script_info: dict[str, Any]) -> None:
+    old = write_logs(tmp_path / "old", script_info, GOOD)
+    new = write_logs(tmp_path / "new", script_info, [dict(s, new_format=True) for s in GOOD])
+    for a, b in zip(old, new):
+        ra, rb = pkg.parse_log(a), pkg.parse_log(b)
+        for attr in ("steps", "iterations", "train_time_ms", "step_avg_ms", "pre_quant_loss", "pre_quant_bpb", "sw_loss",
+                     "total_bytes", "post_training_ms", "seed"):
+            assert getattr(ra, attr) == getattr(rb, attr), attr
+    assert run_pkg(tmp_path, script_info, new) == 0
+
+
+def test_package_draws_the_loss_curves(tmp_path: Path, script_info: dict[str, Any]) -> None:
+    logs = write_logs(tmp_path, script_info, [dict(s, new_format=True) for s in GOOD])
+    assert run_pkg(tmp_path, script_info, logs) == 0
+    d = record_dir(tmp_path)
+    png = (d / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    from matplotlib.image import imread
+
+    pixels = imread(d / "curves.png")
+    assert pixels.shape[0] > 300 and pixels.shape[1] > 600
+    readme = (d / "README.md").read_text()
+    assert "![loss curves](curves.png)" in readme and "- `curves.png`" in readme
+
+
+def test_package_without_matplotlib_is_one_clear_error(tmp_path: Path, script_info: dict[str, Any],
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    logs = write_logs(tmp_path, script_info, GOOD)
+    assert run_pkg(tmp_path, script_info, logs) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "matplotlib is not installed" in errors[0] and "pip install matplotlib" in errors[0]
+    assert out_files(tmp_path) == []
+
+
+def test_non_record_without_step_lines_says_there_is_no_picture(tmp_path: Path, script_info: dict[str, Any],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    logs = write_logs(tmp_path, script_info, [dict(GOOD[0], omit=("step:", "stopping_early"))])
+    assert run_pkg(tmp_path, script_info, logs, "--non-record") == 0
+    assert "note: no curves.png: no log has training step lines" in capsys.readouterr().out
+    d = record_dir(tmp_path, "track_non_record_16mb")
+    assert not (d / "curves.png").exists() and "curves.png" not in (d / "README.md").read_text()
