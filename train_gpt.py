@@ -14,10 +14,12 @@ import math
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -840,13 +842,26 @@ def compressor():
 
 
 def pack_artifact(tensors: dict[str, Tensor], meta: dict[str, str]) -> bytes:
+    """torch.save's bytes as consecutive zstd-22 frames, cut at the data of every stored tensor of >= 64 KiB.
+    Over the whole stream zstd-22's size jumps by up to 8% with where torch's 64-byte-aligned records happen to
+    fall (the small interleaved records throw its parser off for long stretches); frame by frame it does not, and
+    is smaller. min_match=6 skips chance short matches. Decompressing across frames gives the same bytes back."""
     buf = io.BytesIO()
     torch.save({"w": {k: v.cpu() for k, v in tensors.items()}, "m": meta}, buf)
-    return compressor().ZstdCompressor(level=22).compress(buf.getvalue())
+    raw, zstd, cuts = buf.getvalue(), compressor(), {0, buf.tell()}
+    with zipfile.ZipFile(buf) as z:
+        for info in z.infolist():  # stored uncompressed: data follows the 30-byte header, name and extra field
+            if info.file_size >= 65536:
+                start = info.header_offset + 30 + sum(struct.unpack_from("<HH", raw, info.header_offset + 26))
+                cuts |= {start, start + info.file_size}
+    bounds = sorted(cuts)
+    return b"".join(zstd.ZstdCompressor(compression_params=zstd.ZstdCompressionParameters.from_level(
+        22, source_size=b - a, min_match=6)).compress(raw[a:b]) for a, b in zip(bounds, bounds[1:]))
 
 
 def unpack_artifact(blob: bytes, reference: dict[str, Tensor]) -> dict[str, Tensor]:
-    payload = torch.load(io.BytesIO(compressor().ZstdDecompressor().decompress(blob)), map_location="cpu")
+    raw = compressor().ZstdDecompressor().decompressobj(read_across_frames=True).decompress(blob)
+    payload = torch.load(io.BytesIO(raw), map_location="cpu")
     return dequantize_state_dict(payload["w"], payload["m"], reference)
 
 

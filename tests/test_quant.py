@@ -276,3 +276,43 @@ def test_quantised_model_still_predicts():
     with torch.no_grad(), tg.autocast(CPU):
         c = unrelated.forward_logits(ids)
     assert ((a - c).norm() / a.norm()).item() > 4 * rel
+
+
+def trained_like_state(seed: int = 0):
+    """The default model's tensors with trained-like values: heavy-tailed rows of varied scale, most of them above
+    the int6 scale floor (as in the records' trained checkpoints, whose artifacts are ~15.8 MB)."""
+    hp = tg.read_hyperparameters({**TINY_QUANT_ENV, "NUM_LAYERS": "3"})
+    torch.manual_seed(seed)
+    state = tg.build_model(hp, CPU).state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state.items():
+        if v.ndim == 2:
+            t = torch.randn(v.shape, generator=gen) ** 3 * torch.exp(torch.randn(v.shape[0], 1, generator=gen) * 0.5)
+        else:
+            t = v.float() + 0.01 * torch.randn(v.shape, generator=gen)
+        out[k] = t.to(v.dtype)
+    return out, hp
+
+
+def test_artifact_is_frames_cut_at_large_tensors_and_decompresses_to_torch_save_bytes():
+    import io
+    import zstandard
+
+    state, hp = trained_like_state()
+    tensors, meta, _, _ = tg.quantize_state_dict(state, hp.control_patterns)
+    blob = tg.pack_artifact(tensors, meta)
+    buf = io.BytesIO()
+    torch.save({"w": tensors, "m": meta}, buf)
+    assert zstandard.ZstdDecompressor().decompressobj(read_across_frames=True).decompress(blob) == buf.getvalue()
+    frames, rest = 0, blob
+    while rest:  # count the frames one by one
+        d = zstandard.ZstdDecompressor().decompressobj()
+        d.decompress(rest)
+        frames, rest = frames + 1, d.unused_data
+    large = sum(t.numel() * t.element_size() >= 65536 for t in tensors.values())
+    assert large >= 6 and frames == 2 * large + 1  # each large tensor's data, and the small records between them
+    single = zstandard.ZstdCompressor(level=22).compress(buf.getvalue())  # the earlier one-frame format still loads
+    assert all(torch.equal(a, b) for a, b in zip(tg.unpack_artifact(single, state).values(),
+                                                 tg.unpack_artifact(blob, state).values()))
+    assert len(blob) < len(single)
