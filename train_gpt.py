@@ -979,8 +979,10 @@ def collect_hessians(model: GPT, names: list[str], train_files: list[str], hp: S
     def accumulate(key: str):
         def hook(module, inputs, output):
             x = inputs[0].detach().flatten(0, -2).float()
+            if key not in hessians:
+                hessians[key] = torch.zeros(x.size(1), x.size(1), device=x.device)
             with torch.autocast(x.device.type, enabled=False):
-                hessians.setdefault(key, torch.zeros(x.size(1), x.size(1), device=x.device)).addmm_(x.T, x)
+                hessians[key].addmm_(x.T, x)
         return hook
 
     handles = [m.register_forward_hook(accumulate(n + ".weight")) for n, m in model.named_modules()
@@ -990,7 +992,7 @@ def collect_hessians(model: GPT, names: list[str], train_files: list[str], hp: S
     model.eval()
     with torch.no_grad(), autocast(rt.device):
         for i in range(0, len(mine), 8):
-            model.forward_logits(torch.from_numpy(mine[i : i + 8].astype(np.int64)).to(rt.device))
+            model.hidden(torch.from_numpy(mine[i : i + 8].astype(np.int64)).to(rt.device))
     for handle in handles:
         handle.remove()
     for key in keys:
@@ -1219,8 +1221,11 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, val_
     eval_model.eval()
     logits_fn = maybe_compile(eval_model.forward_logits, rt)
     stride = hp.eval_stride if 0 < hp.eval_stride < hp.eval_len else hp.eval_len
-    finals = [("roundtrip", "final_int6_roundtrip", hp.eval_len)] + [("sliding", "final_int6_sliding_window", stride)] * (
-        stride < hp.eval_len) + [("ttt", "final_int6_ttt", stride)] * hp.ttt_enabled
+    finals = [("roundtrip", "final_int6_roundtrip", hp.eval_len)]
+    if stride < hp.eval_len:
+        finals.append(("sliding", "final_int6_sliding_window", stride))
+    if hp.ttt_enabled:
+        finals.append(("ttt", "final_int6_ttt", stride))
     for key, label, s in finals:
         if key == "ttt":
             out = timed(key, ttt_evaluate, maybe_compile(eval_model, rt), logits_fn, ttt_train_chunk, val_tokens, luts,
