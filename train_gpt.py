@@ -1168,6 +1168,7 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, val_
             log(f"artifact:removed the {artifact} of an earlier run")
         model, trained = train(hp, rt, log, run_eval, train_files, progress)
         train_ms, bpb["pre_quant"] = trained.train_ms, trained.val_bpb
+        # views of the weights, not copies: the model is not trained any more and quantising only reads them
         state = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith("mtp_heads.")}
 
         def quantize():  # rank 0 alone writes the artifact
@@ -1196,8 +1197,10 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, val_
             for name in fallbacks:
                 log(f"gptq:fallback {name} reason:Hessian not positive definite, used clipsearch")
             for route, (rows, floor, clipped, n, sq) in sorted(stats.items()):
-                log(f"quant:{route} method:{hp.quant_method if route == 'int6' else 'rowclip'} rows:{rows} "
-                    f"scale_floor_rows:{floor} clipped:{clipped / n:.6f} weight_mse:{sq / n:.4e}")
+                method = "rowclip" if route == "int8" else hp.quant_method
+                method += " clip:per_row" if method in ("clipsearch", "gptq") else ""
+                log(f"quant:{route} method:{method} rows:{rows} scale_floor_rows:{floor} clipped:{clipped / n:.6f} "
+                    f"weight_mse:{sq / n:.4e}")
             tmp = Path(artifact + ".tmp")
             tmp.write_bytes(pack_artifact(tensors, meta))
             tmp.replace(artifact)

@@ -147,7 +147,7 @@ def test_gptq_run_reserves_its_time_and_reads_no_training_data_after(tmp_path, t
     step_ms = float(field([l for l in lines if re.match(r"step:\d+/\d+ val_loss", l)][-1], "step_avg")[:-2])
     assert 5000 <= b["train_ms"] <= 5000 + 3 * step_ms  # stops at cap - reserve, plus at most the step in flight
     assert b["total_ms"] <= 8000 and not any(line.startswith("budget:exceeded") for line in lines)
-    assert any(re.match(r"quant:int6 method:gptq rows:\d+ scale_floor_rows:\d+ clipped:[\d.]+ weight_mse:", l)
+    assert any(re.match(r"quant:int6 method:gptq clip:per_row rows:\d+ scale_floor_rows:\d+ clipped:[\d.]+ weight_mse:", l)
                for l in lines)
     assert any(line.startswith("summary: budget training:") and line.endswith(" ok") for line in lines)
     # the artifact is an ordinary one: EVAL_ONLY re-scores it to the same digits
