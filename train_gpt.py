@@ -128,7 +128,8 @@ def read_hyperparameters(env) -> SimpleNamespace:
          f"QUANT_METHOD={hp.quant_method} must be rowmax, clipsearch or gptq"),
         (hp.gptq_calib_seqs > 0 and hp.gptq_reserve_seconds >= 0,
          "GPTQ_CALIB_SEQS must be positive and GPTQ_RESERVE_SECONDS >= 0"),
-        (hp.quant_method != "gptq" or hp.max_wallclock_seconds <= 0 or hp.gptq_reserve_seconds < hp.max_wallclock_seconds,
+        (hp.quant_method != "gptq" or hp.max_wallclock_seconds <= 0
+         or hp.gptq_reserve_seconds < hp.max_wallclock_seconds,
          f"GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS"),
         (hp.ttt_chunk_tokens > 0 and hp.ttt_chunk_tokens % hp.train_seq_len == 0,
          f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens} must be a positive multiple of TRAIN_SEQ_LEN={hp.train_seq_len}"),
@@ -178,7 +179,8 @@ class Muon(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             params, mu = group["params"], group["momentum"]
             if gi not in self.flat:
-                self.flat[gi] = torch.empty(sum(p.numel() for p in params), dtype=torch.bfloat16, device=params[0].device)
+                n = sum(p.numel() for p in params)
+                self.flat[gi] = torch.empty(n, dtype=torch.bfloat16, device=params[0].device)
             flat, offset = self.flat[gi].zero_(), 0
             for i, p in enumerate(params):
                 if i % world == rank and p.grad is not None:
@@ -517,7 +519,8 @@ class GPT(nn.Module):
         super().__init__()
         dim, layers = hp.model_dim, hp.num_layers
         self.softcap, self.mtp_loss_weight = hp.logit_softcap, hp.mtp_loss_weight
-        self.rope_dims, self.rope_base, self.train_seq_len = hp.rope_dims or dim // hp.num_heads, hp.rope_base, hp.train_seq_len
+        self.rope_dims = hp.rope_dims or dim // hp.num_heads
+        self.rope_base, self.train_seq_len = hp.rope_base, hp.train_seq_len
         self.tok_emb = nn.Embedding(hp.vocab_size, dim)
         self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, dim) if hp.bigram_vocab_size else None
         self.smear = SmearGate(dim)
@@ -747,7 +750,8 @@ def clipsearch_rows(w: Tensor) -> tuple[Tensor, Tensor]:
         err = (w - q * scale.float()).square().sum(-1, keepdim=True)
         if best is not None:
             take = err < best[2]
-            q, scale, err = torch.where(take, q, best[0]), torch.where(take, scale, best[1]), torch.minimum(err, best[2])
+            q, scale = torch.where(take, q, best[0]), torch.where(take, scale, best[1])
+            err = torch.minimum(err, best[2])
         best = q, scale, err
     return best[0], best[1]
 
@@ -837,7 +841,10 @@ def compressor():
     try:
         import zstandard
     except ImportError:
-        raise InputError("the zstandard package is required for the int6+zstd artifact (pip install zstandard)") from None
+        zstandard = None
+    if zstandard is None or tuple(map(int, zstandard.__version__.split(".")[:2])) < (0, 22):  # multi-frame reads
+        raise InputError("the zstandard package (>= 0.22) is required for the int6+zstd artifact "
+                         "(pip install 'zstandard>=0.22')")
     return zstandard
 
 
@@ -933,7 +940,8 @@ class WeightAverage:
 
     def __init__(self, model: nn.Module, decay: float = 0.0):
         self.decay, self.count, self.live = decay, 0, model.state_dict()
-        self.acc = {k: v.float().clone() if decay else torch.zeros(v.shape, device=v.device) for k, v in self.live.items()}
+        self.acc = {k: v.float().clone() if decay else torch.zeros(v.shape, device=v.device)
+                    for k, v in self.live.items()}
 
     @torch.no_grad()
     def update(self) -> None:
@@ -1036,7 +1044,8 @@ def runtime(hp: SimpleNamespace) -> SimpleNamespace:
     local_tokens = hp.train_batch_tokens // (world_size * grad_accum)
     if local_tokens * world_size * grad_accum != hp.train_batch_tokens or local_tokens % hp.train_seq_len:
         unit = world_size * grad_accum * hp.train_seq_len
-        nearest = [str(n) for n in (hp.train_batch_tokens // unit * unit, (hp.train_batch_tokens // unit + 1) * unit) if n]
+        below = hp.train_batch_tokens // unit * unit
+        nearest = [str(n) for n in (below, below + unit) if n]
         raise InputError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must split into {world_size} ranks x "
                          f"{grad_accum} micro-steps of whole TRAIN_SEQ_LEN={hp.train_seq_len} sequences "
                          f"(nearest valid: {' or '.join(nearest)})")
@@ -1124,8 +1133,9 @@ def main() -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         Path(ARTIFACT_PATH + ".tmp").unlink(missing_ok=True)
         if rt.rank == 0:
-            message = (f"interrupted during evaluation: the artifact {progress.artifact} is complete" if progress.artifact
-                       else f"interrupted at step {progress.step} (train_time {progress.train_ms:.0f} ms): no artifact written")
+            message = (f"interrupted during evaluation: the artifact {progress.artifact} is complete"
+                       if progress.artifact else f"interrupted at step {progress.step} "
+                       f"(train_time {progress.train_ms:.0f} ms): no artifact written")
             log(message)
             print(message, file=sys.stderr, flush=True)
         return 130
@@ -1216,7 +1226,8 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, val_
     log(f"Total submission size int6+zstd: {total_bytes} bytes")
     log(f"artifact:{artifact} bytes:{len(blob)} sha256:{hashlib.sha256(blob).hexdigest()}")
     if total_bytes > SIZE_LIMIT_BYTES:
-        log(f"size_limit:exceeded total:{total_bytes} limit:{SIZE_LIMIT_BYTES} over_by:{total_bytes - SIZE_LIMIT_BYTES}")
+        log(f"size_limit:exceeded total:{total_bytes} limit:{SIZE_LIMIT_BYTES} "
+            f"over_by:{total_bytes - SIZE_LIMIT_BYTES}")
         failed.append("size")
 
     eval_model = build_model(hp, rt.device)
@@ -1236,7 +1247,8 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, val_
         else:
             out = timed(key, run_eval, logits_fn, hp.eval_len, s)
         loss, bpb[key], tokens, nbytes = out
-        extra = (f" stride:{s}" if s < hp.eval_len else "") + (f" chunk_tokens:{hp.ttt_chunk_tokens}" if key == "ttt" else "")
+        extra = f" stride:{s}" if s < hp.eval_len else ""
+        extra += f" chunk_tokens:{hp.ttt_chunk_tokens}" if key == "ttt" else ""
         log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb[key]:.4f}{extra} eval_time:{ms[key]:.0f}ms{subset}")
         log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb[key]:.8f} tokens:{tokens} bytes:{nbytes}{subset}")
     if hp.ttt_enabled:
@@ -1347,7 +1359,8 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, run_eval, train
             loss, val_bpb, _, _ = run_eval(val_logits, hp.train_seq_len, hp.train_seq_len)
             base_model.train()
             log(f"step:{step}/{hp.iterations} val_loss:{loss:.4f} val_bpb:{val_bpb:.4f} train_time:{train_ms:.0f}ms "
-                f"step_avg:{train_ms / max(step, 1):.2f}ms" + progress_fields(lr_multiplier(step, train_ms, hp), train_ms))
+                f"step_avg:{train_ms / max(step, 1):.2f}ms"
+                + progress_fields(lr_multiplier(step, train_ms, hp), train_ms))
             sync(rt)
             t0 = time.perf_counter()
         if last:
@@ -1374,7 +1387,8 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, run_eval, train
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     averaged = bool(hp.ema_decay) or (average is not None and average.count > 1)
     if averaged:
-        log(f"ema:applying decay:{hp.ema_decay}" if hp.ema_decay else f"swa:applying averaged {average.count} checkpoints")
+        log(f"ema:applying decay:{hp.ema_decay}" if hp.ema_decay
+            else f"swa:applying averaged {average.count} checkpoints")
         base_model.load_state_dict(average.averaged())
     stop = "wallclock_cap" if stop_after is not None and step < hp.iterations else "iterations"
     return base_model, SimpleNamespace(train_ms=train_ms, val_bpb=val_bpb, stop=stop, averaged=averaged,

@@ -151,6 +151,14 @@ def test_stride_zero_skips_the_sliding_eval(tiny_run, tiny_data, monkeypatch):
 
 def test_missing_zstandard_is_an_error_not_a_fallback(tmp_path, tiny_data, monkeypatch):
     monkeypatch.setitem(sys.modules, "zstandard", None)  # makes `import zstandard` raise ImportError
-    with pytest.raises(tg.InputError, match="zstandard package is required"):
+    with pytest.raises(tg.InputError, match=r"zstandard package \(>= 0.22\) is required"):
         run_main_in_process(monkeypatch, tmp_path, tiny_data)
     assert list(tmp_path.iterdir()) == []  # refused before training, nothing written
+
+
+def test_zstandard_too_old_for_multi_frame_artifacts_is_an_error(monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "zstandard", types.SimpleNamespace(__version__="0.21.0"))
+    with pytest.raises(tg.InputError, match=r"zstandard package \(>= 0.22\) is required"):
+        tg.compressor()
