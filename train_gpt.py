@@ -789,6 +789,15 @@ def hessian_key(name: str) -> str:
     return name.replace(".attn.c_k.", ".attn.c_q.").replace(".attn.c_v.", ".attn.c_q.")
 
 
+def int6_quantize(name: str, w: Tensor, method: str, hessians: dict | None) -> tuple[Tensor, Tensor, bool]:
+    """(q, scale, whether GPTQ fell back to clipsearch) of one int6 matrix under QUANT_METHOD."""
+    if method == "rowmax":
+        return *int6_rows(w), False
+    q, scale = clipsearch_rows(w)
+    g = gptq_rows(w, hessians[hessian_key(name)], scale) if method == "gptq" else None
+    return (q if g is None else g), scale, method == "gptq" and g is None
+
+
 def quantize_state_dict(state: dict[str, Tensor], control_patterns: tuple[str, ...], method: str = "rowmax",
                         hessians: dict[str, Tensor] | None = None):
     """Returns ({stored tensors}, {name: route}, {route: [rows, floored rows, clipped values, values, squared
@@ -802,11 +811,11 @@ def quantize_state_dict(state: dict[str, Tensor], control_patterns: tuple[str, .
             tensors[name] = t.float()
         else:
             w = t.float()
-            q, scale = int8_rows(w) if route == "int8" else int6_rows(w) if method == "rowmax" else clipsearch_rows(w)
-            if route == "int6" and method == "gptq":
-                g = gptq_rows(w, hessians[hessian_key(name)], scale)
-                q = q if g is None else g
-                fallbacks += [name] if g is None else []
+            if route == "int8":
+                q, scale, fell_back = *int8_rows(w), False
+            else:
+                q, scale, fell_back = int6_quantize(name, w, method, hessians)
+            fallbacks += [name] * fell_back
             tensors[name + ".q"], tensors[name + ".scale"] = q.to(torch.int8).contiguous(), scale
             top = 127 if route == "int8" else 31
             s = stats.setdefault(route, [0, 0, 0, 0, 0.0])

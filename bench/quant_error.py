@@ -38,16 +38,6 @@ def layer_type(name: str) -> str | None:
     return next((t for t in TYPES if f".{t}.weight" in name), None)
 
 
-def quantize(name: str, w: torch.Tensor, method: str, hessians: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    if method == "rowmax":
-        return tg.int6_rows(w)
-    q, scale = tg.clipsearch_rows(w)
-    if method == "gptq":
-        g = tg.gptq_rows(w, hessians[tg.hessian_key(name)], scale)
-        q = q if g is None else g
-    return q, scale
-
-
 def measure(env: dict[str, str], seed: int) -> dict:
     hp = tg.read_hyperparameters({**env, "SEED": str(seed), "RUN_ID": f"quant_error_{seed}"})
     rt = tg.runtime(hp)
@@ -77,7 +67,7 @@ def measure(env: dict[str, str], seed: int) -> dict:
     out = dict(seed=seed, steps=progress.step, val_loss=base_loss, calib_s=calib_s, methods={})
     for method in METHODS:
         t0 = time.perf_counter()
-        quantized = {n: quantize(n, state[n].float(), method, calib) for n in names}
+        quantized = {n: tg.int6_quantize(n, state[n].float(), method, calib)[:2] for n in names}
         quant_s = time.perf_counter() - t0
         err, ref = {t: 0.0 for t in TYPES}, {t: 0.0 for t in TYPES}
         for n, (q, scale) in quantized.items():
