@@ -5,11 +5,13 @@ Run: torchrun --standalone --nproc_per_node=8 train_gpt.py   (every hyperparamet
 """
 from __future__ import annotations
 
+import base64
 import copy
 import difflib
 import glob
 import hashlib
 import io
+import lzma
 import math
 import os
 import random
@@ -1020,6 +1022,26 @@ def collect_hessians(model: GPT, names: list[str], train_files: list[str], hp: S
     return hessians
 
 
+WRAPPER_HEAD = b'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("'
+WRAPPER_TAIL = b'"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n'
+LZMA2 = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+
+
+def self_extracting(source: bytes) -> bytes:
+    """The shipped, counted form of the script (the April records' convention): raw LZMA2 of the source, base85,
+    exec'd by a two-line wrapper. Deterministic for a given source and liblzma."""
+    return WRAPPER_HEAD + base64.b85encode(lzma.compress(source, lzma.FORMAT_RAW, filters=LZMA2)) + WRAPPER_TAIL
+
+
+def script_code(path: str) -> tuple[bytes, bytes]:
+    """(readable source, counted wrapper) of the running script, whichever of the two forms the file is."""
+    raw = Path(path).read_bytes()
+    if raw.startswith(WRAPPER_HEAD) and raw.endswith(WRAPPER_TAIL):
+        packed = raw[len(WRAPPER_HEAD) : -len(WRAPPER_TAIL)]
+        return lzma.decompress(base64.b85decode(packed), lzma.FORMAT_RAW, filters=LZMA2), raw
+    return raw, self_extracting(raw)
+
+
 class Logger:
     """Rank 0 prints every line and appends it to logs/<RUN_ID>.txt, which opens with the script's source."""
 
@@ -1109,7 +1131,7 @@ def main() -> int:
         dist.barrier()
     global USE_FA3
     USE_FA3, why = choose_attention(hp.attention, rt)
-    code = Path(__file__).read_bytes()
+    code, wrapper = script_code(__file__)
     log = Logger(hp.run_id, rt.rank == 0, code)
     for line in warnings:
         log.write(line)
@@ -1136,7 +1158,7 @@ def main() -> int:
     progress = SimpleNamespace(step=0, train_ms=0.0, artifact=None)
     signal.signal(signal.SIGTERM, interrupt)  # how torchrun stops its workers after a Ctrl-C
     try:
-        status = run(hp, rt, log, code, val_tokens, luts, train_files, artifact_state, progress)
+        status = run(hp, rt, log, code, wrapper, val_tokens, luts, train_files, artifact_state, progress)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -1158,8 +1180,8 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, val_tokens: Tensor, luts,
-        train_files: list[str], artifact_state: dict | None, progress: SimpleNamespace) -> int:
+def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, wrapper: bytes, val_tokens: Tensor,
+        luts, train_files: list[str], artifact_state: dict | None, progress: SimpleNamespace) -> int:
     """Train, calibrate, export, evaluate and summarise; returns the exit status (1: over the size or a budget)."""
     bpb, ms, failed = {}, {}, []  # val_bpb by stage, post-training time by part, budgets exceeded
 
@@ -1229,9 +1251,10 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, val_
         log(f"export_time:{ms['export']:.0f}ms")
 
     blob = Path(artifact).read_bytes()
-    total_bytes = len(blob) + len(code)
+    total_bytes = len(blob) + len(wrapper)
+    log(f"code: source_bytes:{len(code)} wrapper_bytes:{len(wrapper)} (the counted code is the self-extracting form)")
     log(f"Serialized model int6+zstd: {len(blob)} bytes")
-    log(f"Code size: {len(code)} bytes")
+    log(f"Code size: {len(wrapper)} bytes")
     log(f"Total submission size int6+zstd: {total_bytes} bytes")
     log(f"artifact:{artifact} bytes:{len(blob)} sha256:{hashlib.sha256(blob).hexdigest()}")
     if total_bytes > SIZE_LIMIT_BYTES:
@@ -1276,7 +1299,7 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, val_
     if not hp.eval_only:
         log(f"summary: steps:{progress.step} train_time:{train_ms:.0f}ms stop:{trained.stop}")
     log("summary: val_bpb " + " ".join(f"{k}:{v:.4f}" for k, v in bpb.items() if v is not None) + subset)
-    log(f"summary: bytes model:{len(blob)} code:{len(code)} total:{total_bytes} limit:{SIZE_LIMIT_BYTES} "
+    log(f"summary: bytes model:{len(blob)} code:{len(wrapper)} total:{total_bytes} limit:{SIZE_LIMIT_BYTES} "
         + verdict("size"))
     if not hp.eval_only and hp.max_wallclock_seconds > 0:
         log(f"summary: budget training:{train_ms + ms.get('calibration', 0.0):.0f}ms = train {train_ms:.0f} + "

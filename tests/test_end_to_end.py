@@ -49,7 +49,10 @@ def test_tiny_run_learns_and_reports_everything(tiny_run):
     code_bytes = int(lines_starting(lines, "Code size:")[0].split()[2])
     total = int(lines_starting(lines, "Total submission size int6+zstd:")[0].split()[4])
     assert model_bytes == (tiny_run / "final_model.int6.ptz").stat().st_size
-    assert code_bytes == len(code) and model_bytes + code_bytes == total
+    (code_line,) = lines_starting(lines, "code: source_bytes:")
+    assert int(field(code_line, "source_bytes")) == len(code)
+    assert code_bytes == int(field(code_line, "wrapper_bytes")) == len(tg.self_extracting(code)) < len(code) / 2
+    assert model_bytes + code_bytes == total
     assert not lines_starting(lines, "size_limit:exceeded")
     for prefix in FINAL:
         (line,) = lines_starting(lines, prefix)
