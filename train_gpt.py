@@ -6,6 +6,8 @@ Run: torchrun --standalone --nproc_per_node=8 train_gpt.py   (every hyperparamet
 from __future__ import annotations
 
 import base64
+import collections
+import contextlib
 import copy
 import difflib
 import glob
@@ -19,6 +21,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zipfile
@@ -85,6 +88,7 @@ HPARAM_NAMES = list(HPARAMS)
 SIZE_LIMIT_BYTES = 16_000_000
 EVAL_LIMIT_MS = 600_000.0  # the evaluation budget, on 8xH100
 ARTIFACT_PATH = "final_model.int6.ptz"
+INTERRUPT_GRACE_S = 2.0  # after a signal, how long a rank blocked in a collective waits before it exits
 
 
 class InputError(Exception):
@@ -499,8 +503,8 @@ class BigramHash(nn.Module):
         self.proj = CastedLinear(bigram_dim, dim)
         self.scale = nn.Parameter(torch.tensor(0.05))
 
-    def forward(self, ids: Tensor) -> Tensor:
-        h = self.proj(self.embed(bigram_buckets(ids, self.buckets)))
+    def forward(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
+        h = self.proj(self.embed(bigram_buckets(ids, self.buckets)).to(dtype))
         return h * self.scale.to(h.dtype)
 
 
@@ -517,12 +521,13 @@ class SmearGate(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, hp: SimpleNamespace, mtp_num_heads: int):
+    def __init__(self, hp: SimpleNamespace, mtp_num_heads: int = 0, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         dim, layers = hp.model_dim, hp.num_layers
         self.softcap, self.mtp_loss_weight = hp.logit_softcap, hp.mtp_loss_weight
         self.rope_dims = hp.rope_dims or dim // hp.num_heads
         self.rope_base, self.train_seq_len = hp.rope_base, hp.train_seq_len
+        self.act_dtype = dtype  # of the residual stream
         self.tok_emb = nn.Embedding(hp.vocab_size, dim)
         self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, dim) if hp.bigram_vocab_size else None
         self.smear = SmearGate(dim)
@@ -546,10 +551,10 @@ class GPT(nn.Module):
         t = ids.size(1)
         freqs = torch.outer(torch.arange(t, device=ids.device, dtype=torch.float32),
                             rope_inv_freq(t, self.rope_dims, self.rope_base, self.train_seq_len).to(ids.device))
-        x = self.tok_emb(ids)
+        x = self.tok_emb(ids).to(self.act_dtype)  # a no-op unless TTT trains the tables in fp32
         cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
         if self.bigram is not None:
-            x = x + self.bigram(ids)
+            x = x + self.bigram(ids, x.dtype)
         x = x0 = self.smear(rms_norm(x))
         skips = []
         for i, block in enumerate(self.blocks):
@@ -560,6 +565,9 @@ class GPT(nn.Module):
                 skips.append(x)
         return rms_norm(x)
 
+    def embedding_tables(self) -> list[nn.Parameter]:
+        return [self.tok_emb.weight] + ([self.bigram.embed.weight] if self.bigram is not None else [])
+
     def logits(self, x: Tensor, head: nn.Module | None = None) -> Tensor:
         head = head or self.lm_head
         raw = head(x) if head is not None else F.linear(x, self.tok_emb.weight.to(x.dtype))
@@ -568,9 +576,13 @@ class GPT(nn.Module):
     def forward_logits(self, ids: Tensor) -> Tensor:
         return self.logits(self.hidden(ids))
 
+    def loss(self, x: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross-entropy of the targets from the final hidden states x (reduction "none": per position)."""
+        return F.cross_entropy(self.logits(x).flatten(0, 1), targets.flatten(), reduction=reduction)
+
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
         x = self.hidden(ids)
-        loss = F.cross_entropy(self.logits(x).flatten(0, 1), targets.flatten())
+        loss = self.loss(x, targets)
         if len(self.mtp_heads):  # head k predicts the token k+1 places beyond the next one
             aux = [F.cross_entropy(self.logits(x[:, : -(k + 1)], h).flatten(0, 1), targets[:, k + 1 :].flatten())
                    for k, h in enumerate(self.mtp_heads)]
@@ -580,7 +592,7 @@ class GPT(nn.Module):
 
 def build_model(hp: SimpleNamespace, device: torch.device, mtp_num_heads: int = 0) -> GPT:
     """fp32 init, then bf16 everywhere except linear weights, small and control tensors (fp32 masters)."""
-    model = GPT(hp, mtp_num_heads).bfloat16()
+    model = GPT(hp, mtp_num_heads, torch.bfloat16).bfloat16()
     for m in model.modules():
         if isinstance(m, CastedLinear):
             m.float()
@@ -610,7 +622,19 @@ def rank_share(items, rank: int, world_size: int):
     return items[len(items) * rank // world_size : len(items) * (rank + 1) // world_size]
 
 
-def score_windows(logits_fn, val: Tensor, luts, windows: list[tuple[int, int]], window: int, batch_windows: int,
+class Scorer:
+    """Per-position NLL of the targets a window scores, y[:, first:]: the trunk (compiled once, for the whole
+    window) runs on every position, the head and the loss only on the scored ones (a sliding window scores the
+    last EVAL_STRIDE of its 2048 positions)."""
+
+    def __init__(self, model: GPT, rt: SimpleNamespace):
+        self.model, self.hidden = model, maybe_compile(model.hidden, rt)
+
+    def __call__(self, x: Tensor, y: Tensor, first: int) -> Tensor:
+        return self.model.loss(self.hidden(x)[:, first:], y[:, first:], "none").view(len(y), -1)
+
+
+def score_windows(scorer, val: Tensor, luts, windows: list[tuple[int, int]], window: int, batch_windows: int,
                   sums: Tensor) -> None:
     """Adds the NLL, count and bytes of the targets these windows score to `sums` (float64, on the device). Every
     batch holds batch_windows windows (padding windows score nothing), so every batch has the same shape."""
@@ -622,13 +646,13 @@ def score_windows(logits_fn, val: Tensor, luts, windows: list[tuple[int, int]], 
     for i in range(0, len(windows), batch_windows):
         tokens = val[starts[i : i + batch_windows] + positions].long()
         x, y = tokens[:, :-1], tokens[:, 1:]
+        head = min(f for _, f in windows[i : i + batch_windows])  # the batch's first scored position (host side)
         with torch.inference_mode(), autocast(val.device):
-            logits = logits_fn(x)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        scored = positions[:-1] >= first[i : i + batch_windows]
+            nll = scorer(x, y, head)
+        scored = positions[head:-1] >= first[i : i + batch_windows]
         sums[0] += (nll.double() * scored).sum()
         sums[1] += scored.sum()
-        sums[2] += (target_bytes(x, y, luts) * scored).sum()
+        sums[2] += (target_bytes(x[:, head:], y[:, head:], luts) * scored).sum()
 
 
 def metrics(sums: Tensor, world_size: int) -> tuple[float, float, int, int]:
@@ -639,18 +663,14 @@ def metrics(sums: Tensor, world_size: int) -> tuple[float, float, int, int]:
     return loss / tokens, loss / tokens / math.log(2) * tokens / nbytes, int(tokens), int(nbytes)
 
 
-def on_device(val_tokens: Tensor, luts, device: torch.device):
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
-    return val_tokens.to(device, torch.int32), [t.to(device) for t in luts], sums  # int32: half the memory
-
-
-def evaluate(logits_fn, val_tokens: Tensor, luts, window: int, stride: int, batch_windows: int, rank: int,
-             world_size: int, device: torch.device) -> tuple[float, float, int, int]:
-    total = len(val_tokens) - 1
+def evaluate(scorer, val: Tensor, luts, window: int, stride: int, batch_windows: int, rank: int,
+             world_size: int) -> tuple[float, float, int, int]:
+    """Scores this rank's share of the windows over `val` (tokens and byte tables already on the device)."""
+    total = len(val) - 1
     window = min(window, total)
-    val, luts, sums = on_device(val_tokens, luts, device)
+    sums = torch.zeros(3, dtype=torch.float64, device=val.device)  # loss, tokens, bytes
     windows = rank_share(sliding_windows(total, window, stride), rank, world_size)
-    score_windows(logits_fn, val, luts, windows, window, batch_windows, sums)
+    score_windows(scorer, val, luts, windows, window, batch_windows, sums)
     return metrics(sums, world_size)
 
 
@@ -658,47 +678,72 @@ def autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def ttt_train_chunk(model: nn.Module, optimizer: torch.optim.Optimizer, val: Tensor, starts: Tensor, seq_len: int,
-                    num_seqs: int, epochs: int, world_size: int) -> None:
+def all_reduce_flat(tensors: list[Tensor]) -> None:
+    """Sums every tensor over the ranks in one collective (one flat fp32 buffer), in place."""
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
+def ttt_train_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, val: Tensor,
+                    starts: Tensor, seq_len: int, num_seqs: int, epochs: int, world_size: int) -> None:
     """`epochs` SGD steps on this rank's sequences val[s : s + seq_len + 1] of an already scored chunk; gradients
-    summed over ranks and divided by the chunk's sequence count, so any split over ranks takes the same step."""
+    summed over ranks (one all-reduce per step) and divided by the chunk's sequence count, so any split over ranks
+    takes the same step."""
     tokens = val[starts[:, None] + torch.arange(seq_len + 1, device=val.device)].long()
-    params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(epochs):
         if len(tokens):
-            with autocast(val.device):
+            with autocast(tokens.device):
                 (model(tokens[:, :-1], tokens[:, 1:]) * len(tokens) / num_seqs).backward()
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if world_size > 1:
-                dist.all_reduce(p.grad)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if world_size > 1:
+            all_reduce_flat(grads)
+        for p, g in zip(params, grads):
+            p.grad = g
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
 
-def ttt_evaluate(model: GPT, logits_fn, train_fn, val_tokens: Tensor, luts, hp: SimpleNamespace,
-                 rt: SimpleNamespace, batch_windows: int, log) -> tuple[float, float, int, int]:
+def ttt_evaluate(model: GPT, scorer: Scorer, val: Tensor, luts, hp: SimpleNamespace, rt: SimpleNamespace,
+                 batch_windows: int, log) -> tuple[float, float, int, int]:
     """Legal score-first test-time training over the sliding-window plan: windows are grouped into chunks of
     TTT_CHUNK_TOKENS targets by their first scored target; each chunk is scored under inference mode, then (all
-    but the last) trains the model on its targets, all scored by then. No target is scored by weights that saw it."""
-    total = len(val_tokens) - 1
+    but the last) trains the model on its targets, all scored by then. No target is scored by weights that saw it.
+    The embedding tables train in fp32 (bf16 would round their ~1e-6 updates away) and are read in the activation
+    dtype, so the weights score exactly as before the first update."""
+    total = len(val) - 1
     window, chunk = min(hp.eval_len, total), hp.ttt_chunk_tokens
     chunks = [[] for _ in range((total + chunk - 1) // chunk)]
     for start, first in sliding_windows(total, window, hp.eval_stride if 0 < hp.eval_stride < window else window):
         chunks[(start + first) // chunk].append((start, first))
-    val, luts, sums = on_device(val_tokens, luts, rt.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=val.device)
+    for table in model.embedding_tables():
+        table.data = table.data.float()
     for i, block in enumerate(model.blocks):
         block.requires_grad_(i >= hp.ttt_freeze_blocks)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+    trainer = maybe_compile(model, rt)
+    seqs_per_chunk = chunk // hp.train_seq_len
+    mine = len(rank_share(range(seqs_per_chunk), rt.rank, rt.world_size))
     log(f"ttt:start chunks:{len(chunks)} chunk_tokens:{chunk} epochs:{hp.ttt_epochs} lr:{hp.ttt_lr} "
-        f"trainable_params:{sum(p.numel() for p in params)} frozen_blocks:{hp.ttt_freeze_blocks}")
+        f"trainable_params:{sum(p.numel() for p in params)} frozen_blocks:{hp.ttt_freeze_blocks} "
+        "embedding_tables:fp32")
+    if rt.compile and len(chunks) > 1 and mine:  # compile the training graph on random tokens, outside the cap
+        sync(rt)
+        t0 = time.perf_counter()
+        primer = torch.randint(0, hp.vocab_size, (mine, hp.train_seq_len + 1), device=val.device)
+        with autocast(val.device):
+            trainer(primer[:, :-1], primer[:, 1:]).backward()
+        optimizer.zero_grad(set_to_none=True)
+        sync(rt)
+        log(f"ttt:primed compile_ms:{1000 * (time.perf_counter() - t0):.0f} (random tokens, not timed by the cap)")
     train_s, trained, stopped = 0.0, 0, False
     for c, windows in enumerate(chunks):
         model.eval()
-        score_windows(logits_fn, val, luts, rank_share(windows, rt.rank, rt.world_size), window, batch_windows, sums)
+        score_windows(scorer, val, luts, rank_share(windows, rt.rank, rt.world_size), window, batch_windows, sums)
         if c == len(chunks) - 1 or stopped:
             continue
         if hp.ttt_max_seconds > 0 and trained and train_s * (trained + 1) / trained > hp.ttt_max_seconds:
@@ -710,12 +755,14 @@ def ttt_evaluate(model: GPT, logits_fn, train_fn, val_tokens: Tensor, luts, hp: 
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))
-        seqs = torch.arange(c * chunk, (c + 1) * chunk, hp.train_seq_len, device=rt.device)
+        starts = rank_share(torch.arange(c * chunk, (c + 1) * chunk, hp.train_seq_len, device=val.device),
+                            rt.rank, rt.world_size)
         model.train()
-        train_fn(model, optimizer, val, rank_share(seqs, rt.rank, rt.world_size), hp.train_seq_len, len(seqs),
-                 hp.ttt_epochs, rt.world_size)
+        ttt_train_chunk(trainer, params, optimizer, val, starts, hp.train_seq_len, seqs_per_chunk, hp.ttt_epochs,
+                        rt.world_size)
         sync(rt)
-        train_s, trained = train_s + time.perf_counter() - t0, trained + 1
+        train_s = agree_max([train_s + time.perf_counter() - t0], rt)[0]  # one cap decision for all ranks
+        trained += 1
     return metrics(sums, rt.world_size)
 
 
@@ -800,32 +847,82 @@ def int6_quantize(name: str, w: Tensor, method: str, hessians: dict | None) -> t
     return (q if g is None else g), scale, method == "gptq" and g is None
 
 
+def int6_groups(names: list[str]) -> list[list[str]]:
+    """The int6 matrices quantised together: q, k and v of a layer read the same input (one Hessian) and are solved
+    as one stacked matrix (every quantiser treats rows independently: the same result, fewer GPTQ column steps)."""
+    groups = {}
+    for name in names:
+        groups.setdefault(hessian_key(name), []).append(name)
+    return list(groups.values())
+
+
+def assign_owners(costs: list[float], world_size: int) -> list[int]:
+    """Longest job first, each onto the least-loaded rank: a balanced split that every rank computes alike."""
+    load, owner = [0.0] * world_size, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        owner[i] = min(range(world_size), key=load.__getitem__)
+        load[owner[i]] += costs[i]
+    return owner
+
+
+def quantize_int6(state: dict[str, Tensor], names: list[str], method: str, hessians: dict | None, rank: int = 0,
+                  world_size: int = 1) -> dict[str, tuple[Tensor, Tensor, bool]]:
+    """(int8-held q, fp16 scale, whether GPTQ fell back) of every int6 matrix. Each rank quantises its share of the
+    groups (GPTQ's cost grows with rows x columns^2); one summed all-reduce of zero-filled buffers, to which exactly
+    one rank adds each value, hands every result to every rank."""
+    groups = int6_groups(names)
+    costs = [sum(state[n].size(0) for n in g) * state[g[0]].size(1) ** 2 for g in groups]
+    out = {}
+    for group, owner in zip(groups, assign_owners(costs, world_size)):
+        if owner == rank:
+            q, scale, fell_back = int6_quantize(group[0], torch.cat([state[n].float() for n in group]), method,
+                                                hessians)
+            rows = [state[n].size(0) for n in group]
+            out.update({n: (qn.to(torch.int8), sn, fell_back) for n, qn, sn in zip(group, q.split(rows),
+                                                                                   scale.split(rows))})
+    if world_size == 1 or not names:
+        return out
+    device = state[names[0]].device
+    q = torch.zeros(sum(state[n].numel() for n in names), dtype=torch.int8, device=device)
+    scales = torch.zeros(sum(state[n].size(0) for n in names), dtype=torch.float16, device=device)
+    flags = torch.zeros(len(names), device=device)
+    qs, ss = q.split([state[n].numel() for n in names]), scales.split([state[n].size(0) for n in names])
+    for i, name in enumerate(names):
+        if name in out:
+            qs[i].copy_(out[name][0].flatten())
+            ss[i].copy_(out[name][1].flatten())
+            flags[i] = float(out[name][2])
+    for t in (q, scales, flags):
+        dist.all_reduce(t)
+    return {n: (qs[i].view_as(state[n]), ss[i].view(-1, 1), bool(flags[i])) for i, n in enumerate(names)}
+
+
 def quantize_state_dict(state: dict[str, Tensor], control_patterns: tuple[str, ...], method: str = "rowmax",
-                        hessians: dict[str, Tensor] | None = None):
-    """Returns ({stored tensors}, {name: route}, {route: [rows, floored rows, clipped values, values, squared
-    error]}, [int6 matrices where GPTQ fell back to clipsearch])."""
-    tensors, meta, stats, fallbacks = {}, {}, {}, []
+                        hessians: dict[str, Tensor] | None = None, rank: int = 0, world_size: int = 1):
+    """Returns ({stored tensors}, {name: route}, {route: statistics}, [int6 matrices where GPTQ fell back to
+    clipsearch]). Every rank calls it (the int6 matrices are spread over the ranks); all get the same result."""
+    meta = {name: quant_route(name, t, control_patterns) for name, t in state.items()}
+    int6 = quantize_int6(state, [n for n, route in meta.items() if route == "int6"], method, hessians, rank,
+                         world_size)
+    tensors, stats, fallbacks = {}, {}, []
     for name, t in state.items():
-        route = meta[name] = quant_route(name, t, control_patterns)
+        route = meta[name]
         if route == "passthrough":
             tensors[name] = t.half() if t.is_floating_point() else t
         elif route == "passthrough_ctrl":
             tensors[name] = t.float()
         else:
             w = t.float()
-            if route == "int8":
-                q, scale, fell_back = *int8_rows(w), False
-            else:
-                q, scale, fell_back = int6_quantize(name, w, method, hessians)
+            q, scale, fell_back = int6[name] if route == "int6" else (*int8_rows(w), False)
             fallbacks += [name] * fell_back
             tensors[name + ".q"], tensors[name + ".scale"] = q.to(torch.int8).contiguous(), scale
             top = 127 if route == "int8" else 31
-            s = stats.setdefault(route, [0, 0, 0, 0, 0.0])
-            s[0] += scale.numel()
-            s[1] += int((scale == torch.tensor(1 / top).half()).sum())
-            s[2] += int((w.abs() > (top + 0.5) * scale.float()).sum())
-            s[3] += w.numel()
-            s[4] += float((w - q * scale.float()).square().sum())
+            st = stats.setdefault(route, SimpleNamespace(rows=0, floor_rows=0, clipped=0, values=0, sq_err=0.0))
+            st.rows += scale.numel()
+            st.floor_rows += int((scale == torch.tensor(1 / top).half()).sum())
+            st.clipped += int((w.abs() > (top + 0.5) * scale.float()).sum())
+            st.values += w.numel()
+            st.sq_err += float((w - q.float() * scale.float()).square().sum())
     return tensors, meta, stats, fallbacks
 
 
@@ -926,7 +1023,7 @@ def muon_momentum(step: int, hp: SimpleNamespace) -> float:
 def build_optimizers(model: GPT, hp: SimpleNamespace, orthogonalize, fused: bool) -> list[torch.optim.Optimizer]:
     """Muon for matrices, AdamW for the embedding tables and the control/scalar tensors, Adam for an untied head."""
     matrices = [m.weight for n, m in model.named_modules() if isinstance(m, CastedLinear) and n != "lm_head"]
-    tables = [model.tok_emb.weight] + ([model.bigram.embed.weight] if model.bigram is not None else [])
+    tables = model.embedding_tables()
     taken = {id(p) for p in matrices + tables + ([model.lm_head.weight] if model.lm_head is not None else [])}
     scalars = [p for p in model.parameters() if id(p) not in taken]
     adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=fused)
@@ -966,27 +1063,204 @@ class WeightAverage:
         return {k: (a if self.decay else a / self.count).to(self.live[k].dtype) for k, a in self.acc.items()}
 
 
-class CapVote:
-    """Has any rank's clock passed the cap? Agreed by an all-reduce MAX, so every rank stops after the same step.
-    On CUDA the answer is read one step late through pinned memory: the host never waits for the step it has
-    just queued, and training stops at most one step (the one in flight) after the cap."""
+class AgreedClock:
+    """Training time as every rank agrees on it: each rank's own reading, reduced with MAX over the ranks. Every
+    decision that depends on time (the learning rate, SWA, the stop, any schedule switch) reads this clock, never a
+    rank's own, so all ranks decide alike. On CUDA a reading is voted after each step and read back one step later
+    through pinned memory, so the host never waits for the step it has just queued; a reading taken when step s is
+    queued counts as the time step s - 2 ended (the host has waited for that one, no more), which errs late."""
 
     def __init__(self, rt: SimpleNamespace):
         self.rt, self.pending = rt, None
+        self.ms, self.steps = 0.0, 0  # agreed: the training time at which `steps` steps had ended
+        self.recent = collections.deque(maxlen=8)  # agreed times of the latest steps
 
-    def __call__(self, reached: bool) -> bool:
-        flag = torch.full((), float(reached), device=self.rt.device)
+    def record(self, local_ms: float, step: int) -> None:
+        reading = torch.full((), local_ms, dtype=torch.float64, device=self.rt.device)
         if self.rt.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            dist.all_reduce(reading, op=dist.ReduceOp.MAX)
         if not self.rt.cuda:
-            return bool(flag.item())
+            return self.agree(reading.item(), step)
+        host = torch.empty((), dtype=torch.float64, pin_memory=True).copy_(reading, non_blocking=True)
         event = torch.cuda.Event()
-        previous, self.pending = self.pending, (torch.empty((), pin_memory=True).copy_(flag, non_blocking=True), event)
         event.record()
-        if previous is None:
-            return False
-        previous[1].synchronize()
-        return bool(previous[0].item())
+        previous, self.pending = self.pending, (host, event, max(step - 2, 0))
+        if previous is not None:
+            previous[1].synchronize()
+            self.agree(previous[0].item(), previous[2])
+
+    def agree(self, ms: float, steps: int) -> None:
+        if steps > self.steps:
+            self.recent.append((ms - self.ms) / (steps - self.steps))
+            self.ms, self.steps = ms, steps
+
+    def at(self, step: int) -> float:
+        """The agreed training time at which `step` steps will have ended, extrapolated at the mean step time."""
+        return self.ms + (step - self.steps) * self.ms / self.steps if self.steps else self.ms
+
+    def would_pass(self, step: int, limit_ms: float) -> bool:
+        """Would step `step` + 1 end past limit_ms, were it as slow as the slowest of the latest steps?"""
+        return self.ms + (step + 1 - self.steps) * max(self.recent, default=0.0) > limit_ms
+
+
+def replica_checksums(model: nn.Module, rt: SimpleNamespace) -> list[int]:
+    """Every rank's checksum of its weights (the first 8 bytes of a sha256 of their bytes). DDP never re-syncs
+    parameters: equal checksums show that every rank applied the same updates."""
+    digest = hashlib.sha256()
+    for value in model.state_dict().values():
+        digest.update(value.detach().reshape(-1).cpu().view(torch.uint8).numpy())
+    mine = torch.tensor(int.from_bytes(digest.digest()[:8], "little", signed=True), device=rt.device)
+    if not rt.distributed:
+        return [mine.item()]
+    every = [torch.zeros_like(mine) for _ in range(rt.world_size)]
+    dist.all_gather(every, mine)
+    return [t.item() for t in every]
+
+
+def eval_batch_windows(hp: SimpleNamespace, rt: SimpleNamespace, window: int) -> int:
+    """Windows per eval batch: VAL_BATCH_SIZE tokens over all ranks, as the training batch's micro-steps."""
+    return max(1, hp.val_batch_size // (rt.world_size * rt.grad_accum) // window)
+
+
+def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, luts, train_files: list[str],
+          progress: SimpleNamespace) -> tuple[GPT, SimpleNamespace]:
+    """The timed training loop. Returns the model holding the weights to export (the SWA/EMA average when one
+    applies), in eval mode, and a record of the run (agreed train_ms, steps, last val_bpb, why it stopped,
+    whether the replicas agree, the scorer of its periodic evals)."""
+    base_model = build_model(hp, rt.device, hp.mtp_num_heads)
+    log(f"model_params:{sum(p.numel() for p in base_model.parameters() if p.requires_grad)}")
+    log(f"mtp_num_heads:{hp.mtp_num_heads} mtp_loss_weight:{hp.mtp_loss_weight} "
+        f"mtp_params:{sum(p.numel() for p in base_model.mtp_heads.parameters())}")
+    log(f"train_loader:dataset:{Path(train_files[0]).parent.name} train_shards:{len(train_files)}")
+    compiled = maybe_compile(base_model, rt)
+    model = DDP(compiled, device_ids=[rt.device.index] if rt.cuda else None,
+                gradient_as_bucket_view=True) if rt.distributed else compiled
+    orthogonalize = torch.compile(newton_schulz, dynamic=False) if rt.compile else newton_schulz
+    optimizers = build_optimizers(base_model, hp, orthogonalize, fused=rt.cuda)
+    log(f"tie_embeddings:{hp.tie_embeddings} embed_lr:{optimizers[1].param_groups[0]['lr']} "
+        f"head_lr:{hp.head_lr if not hp.tie_embeddings else 0.0} matrix_lr:{hp.matrix_lr} scalar_lr:{hp.scalar_lr}")
+    log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} iterations:{hp.iterations} "
+        f"warmup_steps:{hp.warmup_steps} max_wallclock_seconds:{hp.max_wallclock_seconds:.3f}")
+
+    def new_loader() -> DistributedTokenLoader:
+        return DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device, rt.local_tokens, hp.train_seq_len)
+
+    def train_step(loader: DistributedTokenLoader, step: int, lr_scale: float) -> Tensor:
+        total = torch.zeros((), device=rt.device)
+        for micro in range(rt.grad_accum):
+            x, y = loader.next_batch()
+            if rt.distributed:
+                model.require_backward_grad_sync = micro == rt.grad_accum - 1
+            with autocast(rt.device):
+                loss = model(x, y)
+            (loss / rt.grad_accum).backward()
+            total += loss.detach()
+        optimizers[0].param_groups[0]["momentum"] = muon_momentum(step, hp)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+        if hp.grad_clip_norm > 0:
+            nn.utils.clip_grad_norm_(base_model.parameters(), hp.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        base_model.zero_grad(set_to_none=True)
+        return total / rt.grad_accum
+
+    if hp.warmup_steps:  # compile priming on real batches, then every state is put back exactly
+        model_state = copy.deepcopy(base_model.state_dict())
+        opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        loader, warmup_start = new_loader(), time.perf_counter()
+        for i in range(hp.warmup_steps):
+            train_step(loader, 0, 1.0)
+            if hp.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == hp.warmup_steps:
+                log(f"warmup_step:{i + 1}/{hp.warmup_steps}")
+        sync(rt)
+        log(f"warmup_time:{1000 * (time.perf_counter() - warmup_start):.0f}ms"
+            + " (includes compilation)" * rt.compile)
+        base_model.load_state_dict(model_state)
+        for opt, state in zip(optimizers, opt_states):
+            opt.load_state_dict(state)
+    loader = new_loader()
+
+    scorer = Scorer(base_model, rt)
+    average = WeightAverage(base_model, hp.ema_decay) if hp.ema_decay or hp.swa_enabled else None
+    if hp.ema_decay and hp.swa_enabled:
+        log("swa:off reason:EMA_DECAY")
+    cap_ms, clock = train_cap_ms(hp), AgreedClock(rt)
+    train_ms, stop_after, step, val_bpb = 0.0, None, 0, None
+
+    def progress_fields(scale: float, elapsed_ms: float) -> str:
+        return f" lr_mul:{scale:.4f}" + (f" time_left:{max(cap_ms - elapsed_ms, 0) / 1000:.1f}s" if cap_ms else "")
+
+    sync(rt)
+    t0 = time.perf_counter()
+    while True:
+        last = step == hp.iterations or step == stop_after
+        if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):  # the live weights, clock stopped
+            sync(rt)
+            train_ms += 1000 * (time.perf_counter() - t0)
+            if last:
+                train_ms = agree_max([train_ms], rt)[0]
+            base_model.eval()
+            loss, val_bpb, _, _ = evaluate(scorer, val, luts, hp.train_seq_len, hp.train_seq_len,
+                                           eval_batch_windows(hp, rt, hp.train_seq_len), rt.rank, rt.world_size)
+            base_model.train()
+            log(f"step:{step}/{hp.iterations} val_loss:{loss:.4f} val_bpb:{val_bpb:.4f} train_time:{train_ms:.0f}ms "
+                f"step_avg:{train_ms / max(step, 1):.2f}ms"
+                + progress_fields(lr_multiplier(step, clock.at(step), hp), train_ms))
+            sync(rt)
+            t0 = time.perf_counter()
+        if last:
+            if step == stop_after and step < hp.iterations:
+                log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{hp.iterations}")
+            break
+        scale = lr_multiplier(step, clock.at(step), hp)
+        train_loss = train_step(loader, step, scale)
+        step += 1
+        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        clock.record(elapsed_ms, step)
+        progress.step, progress.train_ms = step, elapsed_ms
+        if hp.ema_decay or (average is not None and scale < 0.5 and step % hp.swa_every == 0):
+            average.update()
+            if not hp.ema_decay and average.count == 1:
+                log(f"swa:start step:{step}")
+        if step <= 10 or step % hp.train_log_every == 0:
+            log(f"step:{step}/{hp.iterations} train_loss:{train_loss.item():.4f} train_time:{elapsed_ms:.0f}ms "
+                f"step_avg:{elapsed_ms / step:.2f}ms" + progress_fields(scale, elapsed_ms))
+        if stop_after is None and cap_ms and clock.would_pass(step, cap_ms):
+            stop_after = step
+
+    if rt.cuda:
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    averaged = bool(hp.ema_decay) or (average is not None and average.count > 1)
+    if averaged:
+        log(f"ema:applying decay:{hp.ema_decay}" if hp.ema_decay
+            else f"swa:applying averaged {average.count} checkpoints")
+        base_model.load_state_dict(average.averaged())
+    base_model.eval()
+    checksums = replica_checksums(base_model, rt)
+    identical = len(set(checksums)) == 1
+    log(f"replicas:identical ranks:{rt.world_size}" if identical else
+        "replicas:diverged checksums:" + ",".join(f"{c & (2**64 - 1):016x}" for c in checksums))
+    stop = "wallclock_cap" if step == stop_after and step < hp.iterations else "iterations"
+    return base_model, SimpleNamespace(train_ms=train_ms, steps=step, val_bpb=val_bpb, stop=stop, averaged=averaged,
+                                       scorer=scorer, replicas_identical=identical)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export: GPTQ calibration (training time: it reads training data), int6 matrices spread over the ranks, the
+# artifact written by rank 0
+
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off while Hessians are summed and GPTQ solves: their fp32 matmuls must be fp32."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def collect_hessians(model: GPT, names: list[str], train_files: list[str], hp: SimpleNamespace,
@@ -1021,6 +1295,40 @@ def collect_hessians(model: GPT, names: list[str], train_files: list[str], hp: S
             dist.all_reduce(hessians[key])
     return hessians
 
+
+def quantize(model: GPT, hp: SimpleNamespace, rt: SimpleNamespace, train_files: list[str]):
+    """The model's quantised state under QUANT_METHOD (GPTQ calibrates on training data first). Every rank takes
+    part and gets the result."""
+    state = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith("mtp_heads.")}
+    with exact_fp32():
+        hessians = None
+        if hp.quant_method == "gptq":
+            names = [k for k, v in state.items() if quant_route(k, v, hp.control_patterns) == "int6"]
+            hessians = collect_hessians(model, names, train_files, hp, rt)
+        return quantize_state_dict(state, hp.control_patterns, hp.quant_method, hessians, rt.rank, rt.world_size)
+
+
+def write_artifact(quantized, path: str, hp: SimpleNamespace, rt: SimpleNamespace, log: Logger) -> None:
+    """Rank 0 logs what the quantiser did and writes the artifact (to .tmp, then renamed: a file at `path` is
+    always complete); the others wait for it."""
+    tensors, meta, stats, fallbacks = quantized
+    if rt.rank == 0:
+        for name in fallbacks:
+            log(f"gptq:fallback {name} reason:Hessian not positive definite, used clipsearch")
+        for route, st in sorted(stats.items()):
+            method = "rowclip" if route == "int8" else hp.quant_method
+            method += " clip:per_row" if method in ("clipsearch", "gptq") else ""
+            log(f"quant:{route} method:{method} rows:{st.rows} scale_floor_rows:{st.floor_rows} "
+                f"clipped:{st.clipped / st.values:.6f} weight_mse:{st.sq_err / st.values:.4e}")
+        tmp = Path(path + ".tmp")
+        tmp.write_bytes(pack_artifact(tensors, meta))
+        tmp.replace(path)
+    if rt.distributed:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run: the code's two forms, the log, the runtime, final evaluations, the summary, interruptions
 
 WRAPPER_HEAD = b'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("'
 WRAPPER_TAIL = b'"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n'
@@ -1098,6 +1406,184 @@ def sync(rt: SimpleNamespace) -> None:
         torch.cuda.synchronize()
 
 
+def agree_max(values: list[float], rt: SimpleNamespace) -> list[float]:
+    """The largest of every rank's values: a time-based decision or verdict made once for all ranks."""
+    if not rt.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def timed(report: SimpleNamespace, rt: SimpleNamespace, part: str, fn, *args):
+    """fn(*args), its wall-clock time (queued GPU work included) recorded as report.ms[part]."""
+    sync(rt)
+    t0 = time.perf_counter()
+    out = fn(*args)
+    sync(rt)
+    report.ms[part] = 1000 * (time.perf_counter() - t0)
+    return out
+
+
+def check_training_budget(report: SimpleNamespace, hp: SimpleNamespace, rt: SimpleNamespace, log: Logger) -> None:
+    """Training plus GPTQ calibration (which reads training data) must fit MAX_WALLCLOCK_SECONDS."""
+    limit = 1000 * hp.max_wallclock_seconds
+    if "calibration" in report.ms:
+        report.ms["calibration"] = agree_max([report.ms["calibration"]], rt)[0]
+    total = report.train_ms + report.ms.get("calibration", 0.0)
+    if "calibration" in report.ms:
+        log(f"gptq:budget train_ms:{report.train_ms:.0f} calib_ms:{report.ms['calibration']:.0f} "
+            f"total_ms:{total:.0f} limit_ms:{limit:.0f}")
+    if limit and total > limit:
+        log(f"budget:exceeded training total_ms:{total:.0f} limit_ms:{limit:.0f}"
+            + " (raise GPTQ_RESERVE_SECONDS)" * ("calibration" in report.ms))
+        report.failed.append("training")
+
+
+def final_evaluations(model: GPT, val: Tensor, luts, hp: SimpleNamespace, rt: SimpleNamespace, log: Logger,
+                      report: SimpleNamespace) -> None:
+    """The artifact's scores: the non-overlapping round trip, the sliding window (the submission score) and, with
+    TTT_ENABLED, legal score-first TTT, which adapts `model` as it scores and so comes last."""
+    scorer, batch = Scorer(model, rt), eval_batch_windows(hp, rt, hp.eval_len)
+    stride = hp.eval_stride if 0 < hp.eval_stride < hp.eval_len else hp.eval_len
+    subset = " subset" if hp.val_max_tokens else ""
+    finals = [("roundtrip", "final_int6_roundtrip", hp.eval_len)]
+    if stride < hp.eval_len:
+        finals.append(("sliding", "final_int6_sliding_window", stride))
+    if hp.ttt_enabled:
+        finals.append(("ttt", "final_int6_ttt", stride))
+    for key, label, s in finals:
+        if key == "ttt":
+            out = timed(report, rt, key, ttt_evaluate, model, scorer, val, luts, hp, rt, batch, log)
+        else:
+            out = timed(report, rt, key, evaluate, scorer, val, luts, hp.eval_len, s, batch, rt.rank, rt.world_size)
+        loss, report.bpb[key], tokens, nbytes = out
+        extra = f" stride:{s}" if s < hp.eval_len else ""
+        extra += f" chunk_tokens:{hp.ttt_chunk_tokens}" if key == "ttt" else ""
+        log(f"{label} val_loss:{loss:.4f} val_bpb:{report.bpb[key]:.4f}{extra} eval_time:{report.ms[key]:.0f}ms"
+            f"{subset}")
+        log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{report.bpb[key]:.8f} tokens:{tokens} bytes:{nbytes}{subset}")
+    if hp.ttt_enabled:
+        log(f"ttt_time:{report.ms['ttt']:.0f}ms")
+
+
+def summarise(report: SimpleNamespace, hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, model_bytes: int,
+              code_bytes: int) -> int:
+    """The closing lines and the exit status (1: over the size or a budget, or diverged replicas). The verdicts
+    read times agreed over the ranks, so every rank exits alike."""
+    parts = list(report.ms)
+    post_ms, *agreed = agree_max([report.post_ms] + [report.ms[p] for p in parts], rt)
+    ms, failed, total = dict(zip(parts, agreed)), report.failed, model_bytes + code_bytes
+    on_8_gpus = rt.cuda and rt.world_size == 8
+    if on_8_gpus and post_ms > EVAL_LIMIT_MS:
+        log(f"budget:exceeded evaluation total_ms:{post_ms:.0f} limit_ms:{EVAL_LIMIT_MS:.0f}")
+        failed.append("evaluation")
+
+    def verdict(budget: str) -> str:
+        return "exceeded" if budget in failed else "ok"
+
+    if not hp.eval_only:
+        log(f"summary: steps:{report.steps} train_time:{report.train_ms:.0f}ms stop:{report.stop}")
+    subset = " subset" if hp.val_max_tokens else ""
+    log("summary: val_bpb " + " ".join(f"{k}:{v:.4f}" for k, v in report.bpb.items() if v is not None) + subset)
+    log(f"summary: bytes model:{model_bytes} code:{code_bytes} total:{total} limit:{SIZE_LIMIT_BYTES} "
+        + verdict("size"))
+    if not hp.eval_only and hp.max_wallclock_seconds > 0:
+        calib = ms.get("calibration", 0.0)
+        log(f"summary: budget training:{report.train_ms + calib:.0f}ms = train {report.train_ms:.0f} + "
+            f"calibration {calib:.0f}, limit:{1000 * hp.max_wallclock_seconds:.0f}ms " + verdict("training"))
+    evaluation = " + ".join(f"{k} {v:.0f}" for k, v in ms.items() if k != "calibration")
+    log(f"summary: budget evaluation:{post_ms:.0f}ms = {evaluation}, limit:{EVAL_LIMIT_MS:.0f}ms on 8 GPUs "
+        + (verdict("evaluation") if on_8_gpus else f"unchecked (this run: {rt.world_size}x {rt.device.type})"))
+    return 1 if failed else 0
+
+
+def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, wrapper: bytes, val: Tensor, luts,
+        train_files: list[str], artifact_state: dict | None, progress: SimpleNamespace) -> int:
+    """Train (unless EVAL_ONLY), export, evaluate and summarise; returns the exit status."""
+    report = SimpleNamespace(bpb={}, ms={}, failed=[], train_ms=0.0, steps=0, stop=None, post_ms=0.0)
+    artifact = hp.eval_only or ARTIFACT_PATH
+    if hp.eval_only:
+        log(f"eval_only:{artifact}")
+        post_start = time.perf_counter()
+    else:
+        if rt.rank == 0 and os.path.exists(artifact):
+            os.remove(artifact)
+            log(f"artifact:removed the {artifact} of an earlier run")
+        model, trained = train(hp, rt, log, val, luts, train_files, progress)
+        report.train_ms, report.steps, report.stop = trained.train_ms, trained.steps, trained.stop
+        report.bpb["pre_quant"] = trained.val_bpb
+        if not trained.replicas_identical:
+            report.failed.append("replicas")
+        quantized = None
+        if hp.quant_method == "gptq":  # calibration reads training data: it belongs to the training budget
+            quantized = timed(report, rt, "calibration", quantize, model, hp, rt, train_files)
+        check_training_budget(report, hp, rt, log)
+        post_start = time.perf_counter()
+        if trained.averaged:
+            seq = hp.train_seq_len
+            loss, report.bpb["averaged"], _, _ = timed(report, rt, "averaged", evaluate, trained.scorer, val, luts,
+                                                       seq, seq, eval_batch_windows(hp, rt, seq), rt.rank,
+                                                       rt.world_size)
+            log(f"averaged val_loss:{loss:.4f} val_bpb:{report.bpb['averaged']:.4f} "
+                f"eval_time:{report.ms['averaged']:.0f}ms (the weights to export, before quantisation)")
+        timed(report, rt, "export", lambda: write_artifact(quantized or quantize(model, hp, rt, train_files),
+                                                          artifact, hp, rt, log))
+        progress.artifact = artifact
+        log(f"export_time:{report.ms['export']:.0f}ms")
+
+    blob = Path(artifact).read_bytes()
+    log(f"code: source_bytes:{len(code)} wrapper_bytes:{len(wrapper)} "
+        "(the counted code is the self-extracting form)")
+    log(f"Serialized model int6+zstd: {len(blob)} bytes")
+    log(f"Code size: {len(wrapper)} bytes")
+    log(f"Total submission size int6+zstd: {len(blob) + len(wrapper)} bytes")
+    log(f"artifact:{artifact} bytes:{len(blob)} sha256:{hashlib.sha256(blob).hexdigest()}")
+    if len(blob) + len(wrapper) > SIZE_LIMIT_BYTES:
+        log(f"size_limit:exceeded total:{len(blob) + len(wrapper)} limit:{SIZE_LIMIT_BYTES} "
+            f"over_by:{len(blob) + len(wrapper) - SIZE_LIMIT_BYTES}")
+        report.failed.append("size")
+
+    eval_model = build_model(hp, rt.device)
+    eval_model.load_state_dict(artifact_state or unpack_artifact(blob, eval_model.state_dict()), strict=True)
+    eval_model.eval()
+    final_evaluations(eval_model, val, luts, hp, rt, log, report)
+    report.post_ms = 1000 * (time.perf_counter() - post_start)
+    log(f"post_training_time:{report.post_ms:.0f}ms")
+    return summarise(report, hp, rt, log, len(blob), len(wrapper))
+
+
+def interrupted_message(progress: SimpleNamespace) -> str:
+    if progress.artifact:
+        return f"interrupted during evaluation: the artifact {progress.artifact} is complete"
+    return f"interrupted at step {progress.step} (train_time {progress.train_ms:.0f} ms): no artifact written"
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def exit_promptly_on_signals(rt: SimpleNamespace, log: Logger, progress: SimpleNamespace) -> None:
+    """A rank blocked in a collective never runs Python's signal handlers (the peers it waits for may be gone), so
+    torchrun would wait out its grace period. A watcher thread, woken by the signal itself, gives the main thread
+    INTERRUPT_GRACE_S to stop cleanly, then says so and ends the process."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd)
+
+    def watch():
+        os.read(read_fd, 1)
+        time.sleep(INTERRUPT_GRACE_S)
+        if not progress.reported:
+            message = interrupted_message(progress) + f" (rank {rt.rank} was blocked in a collective)"
+            if rt.rank == 0:
+                log(message)
+            print(message, file=sys.stderr, flush=True)
+        os._exit(130)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main() -> int:
     warnings = misspelt(os.environ)
     for line in warnings if int(os.environ.get("RANK", 0)) == 0 else []:
@@ -1155,276 +1641,27 @@ def main() -> int:
     torch.manual_seed(hp.seed)
     CastedLinear.qat = hp.qat_enabled  # fixed for the whole run, so torch.compile may fold it
 
-    progress = SimpleNamespace(step=0, train_ms=0.0, artifact=None)
+    val = val_tokens.to(rt.device, torch.int32)  # on the device once per run; int32 halves its memory
+    luts = [t.to(rt.device) for t in luts]
+    progress = SimpleNamespace(step=0, train_ms=0.0, artifact=None, reported=False)
     signal.signal(signal.SIGTERM, interrupt)  # how torchrun stops its workers after a Ctrl-C
+    exit_promptly_on_signals(rt, log, progress)
     try:
-        status = run(hp, rt, log, code, wrapper, val_tokens, luts, train_files, artifact_state, progress)
+        status = run(hp, rt, log, code, wrapper, val, luts, train_files, artifact_state, progress)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         Path(ARTIFACT_PATH + ".tmp").unlink(missing_ok=True)
         if rt.rank == 0:
-            message = (f"interrupted during evaluation: the artifact {progress.artifact} is complete"
-                       if progress.artifact else f"interrupted at step {progress.step} "
-                       f"(train_time {progress.train_ms:.0f} ms): no artifact written")
+            message = interrupted_message(progress)
             log(message)
             print(message, file=sys.stderr, flush=True)
+        progress.reported = True
         return 130
     if rt.distributed:
         dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
     return status
-
-
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, wrapper: bytes, val_tokens: Tensor,
-        luts, train_files: list[str], artifact_state: dict | None, progress: SimpleNamespace) -> int:
-    """Train, calibrate, export, evaluate and summarise; returns the exit status (1: over the size or a budget)."""
-    bpb, ms, failed = {}, {}, []  # val_bpb by stage, post-training time by part, budgets exceeded
-
-    def batch_windows(window: int) -> int:
-        return max(1, hp.val_batch_size // (rt.world_size * rt.grad_accum) // window)
-
-    def run_eval(logits_fn, window: int, stride: int):
-        return evaluate(logits_fn, val_tokens, luts, window, stride, batch_windows(window), rt.rank, rt.world_size,
-                        rt.device)
-
-    def timed(part: str, fn, *args):
-        sync(rt)
-        t0 = time.perf_counter()
-        out = fn(*args)
-        sync(rt)
-        ms[part] = 1000 * (time.perf_counter() - t0)
-        return out
-
-    artifact, train_ms, subset = hp.eval_only or ARTIFACT_PATH, 0.0, " subset" if hp.val_max_tokens else ""
-    if hp.eval_only:
-        log(f"eval_only:{artifact}")
-    else:
-        if rt.rank == 0 and os.path.exists(artifact):
-            os.remove(artifact)
-            log(f"artifact:removed the {artifact} of an earlier run")
-        model, trained = train(hp, rt, log, run_eval, train_files, progress)
-        train_ms, bpb["pre_quant"] = trained.train_ms, trained.val_bpb
-        # views of the weights, not copies: the model is not trained any more and quantising only reads them
-        state = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith("mtp_heads.")}
-
-        def quantize():  # rank 0 alone writes the artifact
-            names = [k for k, v in state.items() if quant_route(k, v, hp.control_patterns) == "int6"]
-            hessians = collect_hessians(model, names, train_files, hp, rt) if hp.quant_method == "gptq" else None
-            return quantize_state_dict(state, hp.control_patterns, hp.quant_method, hessians) if rt.rank == 0 else None
-
-        quantized = timed("calibration", quantize) if hp.quant_method == "gptq" else None
-        if "calibration" in ms:  # GPTQ reads training data: its time belongs to the training budget
-            total, limit = train_ms + ms["calibration"], 1000 * hp.max_wallclock_seconds
-            log(f"gptq:budget train_ms:{train_ms:.0f} calib_ms:{ms['calibration']:.0f} total_ms:{total:.0f} "
-                f"limit_ms:{limit:.0f}")
-            if limit and total > limit:
-                log(f"budget:exceeded training total_ms:{total:.0f} limit_ms:{limit:.0f} (raise GPTQ_RESERVE_SECONDS)")
-                failed.append("training")
-    post_start = time.perf_counter()
-    if not hp.eval_only:
-        if trained.averaged:
-            loss, bpb["averaged"], _, _ = timed("averaged", run_eval, trained.val_logits, hp.train_seq_len,
-                                                hp.train_seq_len)
-            log(f"averaged val_loss:{loss:.4f} val_bpb:{bpb['averaged']:.4f} eval_time:{ms['averaged']:.0f}ms "
-                "(the weights to export, before quantisation)")
-        t0 = time.perf_counter()
-        if rt.rank == 0:
-            tensors, meta, stats, fallbacks = quantized or quantize()
-            for name in fallbacks:
-                log(f"gptq:fallback {name} reason:Hessian not positive definite, used clipsearch")
-            for route, (rows, floor, clipped, n, sq) in sorted(stats.items()):
-                method = "rowclip" if route == "int8" else hp.quant_method
-                method += " clip:per_row" if method in ("clipsearch", "gptq") else ""
-                log(f"quant:{route} method:{method} rows:{rows} scale_floor_rows:{floor} clipped:{clipped / n:.6f} "
-                    f"weight_mse:{sq / n:.4e}")
-            tmp = Path(artifact + ".tmp")
-            tmp.write_bytes(pack_artifact(tensors, meta))
-            tmp.replace(artifact)
-        if rt.distributed:
-            dist.barrier()
-        progress.artifact, ms["export"] = artifact, 1000 * (time.perf_counter() - t0)
-        log(f"export_time:{ms['export']:.0f}ms")
-
-    blob = Path(artifact).read_bytes()
-    total_bytes = len(blob) + len(wrapper)
-    log(f"code: source_bytes:{len(code)} wrapper_bytes:{len(wrapper)} (the counted code is the self-extracting form)")
-    log(f"Serialized model int6+zstd: {len(blob)} bytes")
-    log(f"Code size: {len(wrapper)} bytes")
-    log(f"Total submission size int6+zstd: {total_bytes} bytes")
-    log(f"artifact:{artifact} bytes:{len(blob)} sha256:{hashlib.sha256(blob).hexdigest()}")
-    if total_bytes > SIZE_LIMIT_BYTES:
-        log(f"size_limit:exceeded total:{total_bytes} limit:{SIZE_LIMIT_BYTES} "
-            f"over_by:{total_bytes - SIZE_LIMIT_BYTES}")
-        failed.append("size")
-
-    eval_model = build_model(hp, rt.device)
-    eval_model.load_state_dict(artifact_state or unpack_artifact(blob, eval_model.state_dict()), strict=True)
-    eval_model.eval()
-    logits_fn = maybe_compile(eval_model.forward_logits, rt)
-    stride = hp.eval_stride if 0 < hp.eval_stride < hp.eval_len else hp.eval_len
-    finals = [("roundtrip", "final_int6_roundtrip", hp.eval_len)]
-    if stride < hp.eval_len:
-        finals.append(("sliding", "final_int6_sliding_window", stride))
-    if hp.ttt_enabled:
-        finals.append(("ttt", "final_int6_ttt", stride))
-    for key, label, s in finals:
-        if key == "ttt":
-            out = timed(key, ttt_evaluate, maybe_compile(eval_model, rt), logits_fn, ttt_train_chunk, val_tokens, luts,
-                        hp, rt, batch_windows(hp.eval_len), log)
-        else:
-            out = timed(key, run_eval, logits_fn, hp.eval_len, s)
-        loss, bpb[key], tokens, nbytes = out
-        extra = f" stride:{s}" if s < hp.eval_len else ""
-        extra += f" chunk_tokens:{hp.ttt_chunk_tokens}" if key == "ttt" else ""
-        log(f"{label} val_loss:{loss:.4f} val_bpb:{bpb[key]:.4f}{extra} eval_time:{ms[key]:.0f}ms{subset}")
-        log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{bpb[key]:.8f} tokens:{tokens} bytes:{nbytes}{subset}")
-    if hp.ttt_enabled:
-        log(f"ttt_time:{ms['ttt']:.0f}ms")
-    post_ms = 1000 * (time.perf_counter() - post_start)
-    log(f"post_training_time:{post_ms:.0f}ms")
-
-    on_8_gpus = rt.cuda and rt.world_size == 8
-    if on_8_gpus and post_ms > EVAL_LIMIT_MS:
-        log(f"budget:exceeded evaluation total_ms:{post_ms:.0f} limit_ms:{EVAL_LIMIT_MS:.0f}")
-        failed.append("evaluation")
-
-    def verdict(budget: str) -> str:
-        return "exceeded" if budget in failed else "ok"
-
-    if not hp.eval_only:
-        log(f"summary: steps:{progress.step} train_time:{train_ms:.0f}ms stop:{trained.stop}")
-    log("summary: val_bpb " + " ".join(f"{k}:{v:.4f}" for k, v in bpb.items() if v is not None) + subset)
-    log(f"summary: bytes model:{len(blob)} code:{len(wrapper)} total:{total_bytes} limit:{SIZE_LIMIT_BYTES} "
-        + verdict("size"))
-    if not hp.eval_only and hp.max_wallclock_seconds > 0:
-        log(f"summary: budget training:{train_ms + ms.get('calibration', 0.0):.0f}ms = train {train_ms:.0f} + "
-            f"calibration {ms.get('calibration', 0.0):.0f}, limit:{1000 * hp.max_wallclock_seconds:.0f}ms "
-            + verdict("training"))
-    parts = " + ".join(f"{k} {v:.0f}" for k, v in ms.items() if k != "calibration")
-    log(f"summary: budget evaluation:{post_ms:.0f}ms = {parts}, limit:{EVAL_LIMIT_MS:.0f}ms on 8 GPUs "
-        + (verdict("evaluation") if on_8_gpus else f"unchecked (this run: {rt.world_size}x {rt.device.type})"))
-    return 1 if failed else 0
-
-
-def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, run_eval, train_files: list[str],
-          progress: SimpleNamespace) -> tuple[GPT, SimpleNamespace]:
-    """The timed training loop. Returns the model holding the weights to export (the SWA/EMA average when one
-    applies) and a record of the run (train_ms, last val_bpb, why it stopped, the compiled logits function)."""
-    base_model = build_model(hp, rt.device, hp.mtp_num_heads)
-    log(f"model_params:{sum(p.numel() for p in base_model.parameters() if p.requires_grad)}")
-    log(f"mtp_num_heads:{hp.mtp_num_heads} mtp_loss_weight:{hp.mtp_loss_weight} "
-        f"mtp_params:{sum(p.numel() for p in base_model.mtp_heads.parameters())}")
-    log(f"train_loader:dataset:{Path(train_files[0]).parent.name} train_shards:{len(train_files)}")
-    compiled = maybe_compile(base_model, rt)
-    model = DDP(compiled, device_ids=[rt.device.index] if rt.cuda else None,
-                gradient_as_bucket_view=True) if rt.distributed else compiled
-    orthogonalize = torch.compile(newton_schulz, dynamic=False) if rt.compile else newton_schulz
-    optimizers = build_optimizers(base_model, hp, orthogonalize, fused=rt.cuda)
-    log(f"tie_embeddings:{hp.tie_embeddings} embed_lr:{optimizers[1].param_groups[0]['lr']} "
-        f"head_lr:{hp.head_lr if not hp.tie_embeddings else 0.0} matrix_lr:{hp.matrix_lr} scalar_lr:{hp.scalar_lr}")
-    log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} iterations:{hp.iterations} "
-        f"warmup_steps:{hp.warmup_steps} max_wallclock_seconds:{hp.max_wallclock_seconds:.3f}")
-
-    def new_loader() -> DistributedTokenLoader:
-        return DistributedTokenLoader(train_files, rt.rank, rt.world_size, rt.device, rt.local_tokens, hp.train_seq_len)
-
-    def train_step(loader: DistributedTokenLoader, step: int, lr_scale: float) -> Tensor:
-        total = torch.zeros((), device=rt.device)
-        for micro in range(rt.grad_accum):
-            x, y = loader.next_batch()
-            if rt.distributed:
-                model.require_backward_grad_sync = micro == rt.grad_accum - 1
-            with autocast(rt.device):
-                loss = model(x, y)
-            (loss / rt.grad_accum).backward()
-            total += loss.detach()
-        optimizers[0].param_groups[0]["momentum"] = muon_momentum(step, hp)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * lr_scale
-        if hp.grad_clip_norm > 0:
-            nn.utils.clip_grad_norm_(base_model.parameters(), hp.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-        base_model.zero_grad(set_to_none=True)
-        return total / rt.grad_accum
-
-    if hp.warmup_steps:  # compile priming on real batches, then every state is put back exactly
-        model_state = copy.deepcopy(base_model.state_dict())
-        opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        loader, warmup_start = new_loader(), time.perf_counter()
-        for i in range(hp.warmup_steps):
-            train_step(loader, 0, 1.0)
-            if hp.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == hp.warmup_steps:
-                log(f"warmup_step:{i + 1}/{hp.warmup_steps}")
-        sync(rt)
-        log(f"warmup_time:{1000 * (time.perf_counter() - warmup_start):.0f}ms"
-            + " (includes compilation)" * rt.compile)
-        base_model.load_state_dict(model_state)
-        for opt, state in zip(optimizers, opt_states):
-            opt.load_state_dict(state)
-    loader = new_loader()
-
-    val_logits = maybe_compile(base_model.forward_logits, rt)
-    average = WeightAverage(base_model, hp.ema_decay) if hp.ema_decay or hp.swa_enabled else None
-    if hp.ema_decay and hp.swa_enabled:
-        log("swa:off reason:EMA_DECAY")
-    cap_ms, vote = train_cap_ms(hp), CapVote(rt)
-    train_ms, stop_after, step, val_bpb = 0.0, None, 0, None
-
-    def progress_fields(scale: float, elapsed_ms: float) -> str:
-        return f" lr_mul:{scale:.4f}" + (f" time_left:{max(cap_ms - elapsed_ms, 0) / 1000:.1f}s" if cap_ms else "")
-
-    sync(rt)
-    t0 = time.perf_counter()
-    while True:
-        last = step == hp.iterations or (stop_after is not None and step >= stop_after)
-        if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):  # the live weights, clock stopped
-            sync(rt)
-            train_ms += 1000 * (time.perf_counter() - t0)
-            base_model.eval()
-            loss, val_bpb, _, _ = run_eval(val_logits, hp.train_seq_len, hp.train_seq_len)
-            base_model.train()
-            log(f"step:{step}/{hp.iterations} val_loss:{loss:.4f} val_bpb:{val_bpb:.4f} train_time:{train_ms:.0f}ms "
-                f"step_avg:{train_ms / max(step, 1):.2f}ms"
-                + progress_fields(lr_multiplier(step, train_ms, hp), train_ms))
-            sync(rt)
-            t0 = time.perf_counter()
-        if last:
-            if stop_after is not None and step < hp.iterations:
-                log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{hp.iterations}")
-            break
-        scale = lr_multiplier(step, train_ms + 1000 * (time.perf_counter() - t0), hp)
-        train_loss = train_step(loader, step, scale)
-        step += 1
-        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        progress.step, progress.train_ms = step, elapsed_ms
-        if hp.ema_decay or (average is not None and scale < 0.5 and step % hp.swa_every == 0):
-            average.update()
-            if not hp.ema_decay and average.count == 1:
-                log(f"swa:start step:{step}")
-        if step <= 10 or step % hp.train_log_every == 0:
-            log(f"step:{step}/{hp.iterations} train_loss:{train_loss.item():.4f} train_time:{elapsed_ms:.0f}ms "
-                f"step_avg:{elapsed_ms / step:.2f}ms" + progress_fields(scale, elapsed_ms))
-        if vote(cap_ms > 0 and elapsed_ms >= cap_ms) and stop_after is None:
-            stop_after = step
-
-    if rt.cuda:
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    averaged = bool(hp.ema_decay) or (average is not None and average.count > 1)
-    if averaged:
-        log(f"ema:applying decay:{hp.ema_decay}" if hp.ema_decay
-            else f"swa:applying averaged {average.count} checkpoints")
-        base_model.load_state_dict(average.averaged())
-    stop = "wallclock_cap" if stop_after is not None and step < hp.iterations else "iterations"
-    return base_model, SimpleNamespace(train_ms=train_ms, val_bpb=val_bpb, stop=stop, averaged=averaged,
-                                       val_logits=val_logits)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,16 @@ def run_tiny_training(workdir: Path, nproc: int = 1, data: Path | None = None, c
     return proc
 
 
+def scorer_of(logits_fn):
+    """An evaluation scorer from any function of inputs to logits: the full logits, then the scored positions."""
+    import torch.nn.functional as F
+
+    def score(x, y, first):
+        logits = logits_fn(x)[:, first:].float()
+        return F.cross_entropy(logits.flatten(0, 1), y[:, first:].flatten(), reduction="none").view(len(y), -1)
+    return score
+
+
 def log_lines(workdir: Path, run_id: str = "tiny") -> list[str]:
     return (workdir / "logs" / f"{run_id}.txt").read_text(encoding="utf-8").splitlines()
 

@@ -10,14 +10,17 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
+from conftest import scorer_of
 
 CPU = torch.device("cpu")
+EAGER = SimpleNamespace(compile=False)
 REPO = Path(__file__).resolve().parent.parent
 V = 64
 TINY_EVAL_ENV = dict(NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2",
@@ -68,7 +71,7 @@ def fp32_logits_fn(model: tg.GPT):
 
 def tiny_model_copy_fp32(model: tg.GPT) -> tg.GPT:
     hp = tg.read_hyperparameters(TINY_EVAL_ENV)
-    m32 = tg.GPT(hp, 0).float()
+    m32 = tg.GPT(hp, 0, torch.float32).float()
     m32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     return m32.eval()
 
@@ -135,7 +138,7 @@ def position_free_reference(toks: torch.Tensor) -> float:
 def test_uniform_logits_give_ln_v_and_exact_counts():
     toks, luts = make_tokens(300, seed=1), make_luts()
     uniform = lambda x: torch.zeros(*x.shape, V)  # noqa: E731
-    loss, bpb, tokens, nbytes = tg.evaluate(uniform, toks, luts, 32, 8, 4, 0, 1, CPU)
+    loss, bpb, tokens, nbytes = tg.evaluate(scorer_of(uniform), toks, luts, 32, 8, 4, 0, 1)
     assert tokens == 300 and nbytes == all_target_bytes(toks, luts)
     assert loss == pytest.approx(math.log(V), rel=1e-6)
     assert bpb == pytest.approx(math.log(V) / math.log(2) * 300 / nbytes, rel=1e-6)
@@ -145,7 +148,7 @@ def test_uniform_logits_give_ln_v_and_exact_counts():
                                                         (20, 32, 8, 4), (129, 32, 1, 7)])
 def test_position_free_logits_match_per_target_reference(total, window, stride, batch):
     toks, luts = make_tokens(total, seed=total), make_luts()
-    loss, bpb, tokens, nbytes = tg.evaluate(position_free_logits_fn, toks, luts, window, stride, batch, 0, 1, CPU)
+    loss, bpb, tokens, nbytes = tg.evaluate(scorer_of(position_free_logits_fn), toks, luts, window, stride, batch, 0, 1)
     assert tokens == total and nbytes == all_target_bytes(toks, luts)
     assert loss == pytest.approx(position_free_reference(toks) / total, rel=1e-6)
 
@@ -169,12 +172,12 @@ def test_rank_slices_cover_every_window_once(monkeypatch, world_size, total, win
     recorder = RecordingAllReduce()
     monkeypatch.setattr(tg.dist, "all_reduce", recorder)
     if world_size == 1:
-        loss, _, tokens, nbytes = tg.evaluate(position_free_logits_fn, toks, luts, window, stride, batch, 0, 1, CPU)
+        loss, _, tokens, nbytes = tg.evaluate(scorer_of(position_free_logits_fn), toks, luts, window, stride, batch, 0, 1)
         assert recorder.parts == [], "a single process must not all-reduce"
         sums = torch.tensor([loss * tokens, tokens, nbytes], dtype=torch.float64)
     else:
         for rank in range(world_size):
-            tg.evaluate(position_free_logits_fn, toks, luts, window, stride, batch, rank, world_size, CPU)
+            tg.evaluate(scorer_of(position_free_logits_fn), toks, luts, window, stride, batch, rank, world_size)
         assert len(recorder.parts) == world_size
         assert all(p.dtype == torch.float64 and p.shape == (3,) for p in recorder.parts)
         sums = torch.stack(recorder.parts).sum(0)
@@ -210,7 +213,7 @@ def test_sliding_loss_equals_brute_force_reference_fp32(model, total, window, st
     m, _ = model
     fn, _ = fp32_logits_fn(m)
     toks, luts = make_tokens(total, seed=total + 3), make_luts()
-    loss, bpb, tokens, nbytes = tg.evaluate(fn, toks, luts, window, stride, batch, 0, 1, CPU)
+    loss, bpb, tokens, nbytes = tg.evaluate(scorer_of(fn), toks, luts, window, stride, batch, 0, 1)
     assert tokens == total and nbytes == all_target_bytes(toks, luts)
     ref = brute_force(fn, toks, window, stride, use_autocast=False) / total
     assert loss == pytest.approx(ref, rel=1e-5)
@@ -225,10 +228,30 @@ def test_sliding_loss_bf16_model_close_to_reference(model):
     m, _ = model
     total, window, stride = 90, 32, 8
     toks, luts = make_tokens(total, seed=11), make_luts()
-    loss, _, tokens, _ = tg.evaluate(m.forward_logits, toks, luts, window, stride, 4, 0, 1, CPU)
+    loss, _, tokens, _ = tg.evaluate(tg.Scorer(m, EAGER), toks, luts, window, stride, 4, 0, 1)
     ref = brute_force(m.forward_logits, toks, window, stride, use_autocast=True) / total
     assert tokens == total
     assert loss == pytest.approx(ref, rel=2e-3)
+
+
+@pytest.mark.parametrize("total,window,stride,batch", [(203, 32, 8, 3), (100, 32, 32, 2), (77, 16, 5, 4)])
+def test_head_runs_on_scored_positions_only_and_equals_the_full_computation(model, total, window, stride, batch):
+    """The eval's head and loss see only the positions a batch scores (all of them only in the first window's
+    batch): the same loss as computing every position's logits and keeping the scored ones, same tokens, bytes."""
+    m, _ = model
+    toks, luts = make_tokens(total, seed=31), make_luts()
+    seen, real_loss = [], m.loss
+    m.loss = lambda x, y, reduction="mean": (seen.append(x.size(1)), real_loss(x, y, reduction))[1]
+    try:
+        fast = tg.evaluate(tg.Scorer(m, EAGER), toks, luts, window, stride, batch, 0, 1)
+    finally:
+        del m.loss
+    full = tg.evaluate(scorer_of(m.forward_logits), toks, luts, window, stride, batch, 0, 1)
+    assert fast[2:] == full[2:] == (total, all_target_bytes(toks, luts))
+    assert fast[0] == pytest.approx(full[0], rel=1e-6)
+    windows = tg.sliding_windows(total, window, stride)
+    assert seen == [window - min(f for _, f in windows[i : i + batch]) for i in range(0, len(windows), batch)]
+    assert stride == window or min(seen) == stride  # a sliding batch computes the head on `stride` positions
 
 
 def test_context_matters_for_tiny_model(model):
@@ -236,7 +259,7 @@ def test_context_matters_for_tiny_model(model):
     m, _ = model
     fn, _ = fp32_logits_fn(m)
     toks, luts = make_tokens(101, seed=104), make_luts()
-    loss, *_ = tg.evaluate(fn, toks, luts, 32, 8, 3, 0, 1, CPU)
+    loss, *_ = tg.evaluate(scorer_of(fn), toks, luts, 32, 8, 3, 0, 1)
     short = sum(F.cross_entropy(fn(toks[j : j + 1][None])[0, -1:].double(), toks[j + 1 : j + 2]).item()
                 for j in range(101)) / 101
     assert abs(loss - short) > 1e-3
@@ -246,7 +269,7 @@ def test_context_matters_for_tiny_model(model):
 def test_stride_equal_window_is_plain_non_overlapping_eval(model, total, window):
     m, hp = model
     toks, luts = make_tokens(total, seed=5), make_luts()
-    loss, bpb, tokens, nbytes = tg.evaluate(m.forward_logits, toks, luts, window, window, 2, 0, 1, CPU)
+    loss, bpb, tokens, nbytes = tg.evaluate(tg.Scorer(m, EAGER), toks, luts, window, window, 2, 0, 1)
     x = toks[:-1].view(-1, window)
     y = toks[1:].view(-1, window)
     with torch.inference_mode(), tg.autocast(CPU):
@@ -264,7 +287,7 @@ def test_stride_equal_window_with_ragged_tail(model):
     fn, _ = fp32_logits_fn(m)
     total, window = 100, 32
     toks, luts = make_tokens(total, seed=6), make_luts()
-    loss, _, tokens, nbytes = tg.evaluate(fn, toks, luts, window, window, 2, 0, 1, CPU)
+    loss, _, tokens, nbytes = tg.evaluate(scorer_of(fn), toks, luts, window, window, 2, 0, 1)
     nll = torch.zeros(total, dtype=torch.float64)
     for s in (0, 32, 64):
         logits = fn(toks[s : s + window][None])[0]
@@ -279,7 +302,7 @@ def test_stride_equal_window_with_ragged_tail(model):
 # ------------------------------------------------------------------------------------------------- gloo
 
 WORKER = r"""
-import json, os, sys
+import argparse, json, os, sys
 import torch
 sys.path.insert(0, os.environ["PG_REPO"])
 import train_gpt as tg
@@ -293,8 +316,8 @@ model = tg.build_model(hp, torch.device("cpu"))
 model.load_state_dict(blob["state"], strict=True)
 model.eval()
 args = blob["args"]
-res = tg.evaluate(model.forward_logits, blob["toks"], blob["luts"], args["window"], args["stride"], args["batch"],
-                  rank, world, torch.device("cpu"))
+res = tg.evaluate(tg.Scorer(model, argparse.Namespace(compile=False)), blob["toks"], blob["luts"], args["window"],
+                  args["stride"], args["batch"], rank, world)
 dist.destroy_process_group()
 with open(os.environ["PG_OUTPUT"], "w") as f:
     json.dump(list(res), f)
@@ -311,7 +334,7 @@ def test_two_process_gloo_equals_single_process(model, tmp_path):
     m, _ = model
     total, window, stride, batch = 203, 32, 8, 3
     toks, luts = make_tokens(total, seed=21), make_luts()
-    single = tg.evaluate(m.forward_logits, toks, luts, window, stride, batch, 0, 1, CPU)
+    single = tg.evaluate(tg.Scorer(m, EAGER), toks, luts, window, stride, batch, 0, 1)
     inp = tmp_path / "input.pt"
     torch.save(dict(env=TINY_EVAL_ENV, state=m.state_dict(), toks=toks, luts=luts,
                     args=dict(window=window, stride=stride, batch=batch)), inp)

@@ -148,7 +148,7 @@ def test_default_model_quantised_storage_and_dequantised_dtypes(default_model):
     state, hp = default_model
     tensors, meta, stats, _ = tg.quantize_state_dict(state, hp.control_patterns)
     assert set(meta) == set(state)
-    assert stats["int6"][0] == 39_424 and stats["int8"][0] == 1024 + 2048
+    assert stats["int6"].rows == 39_424 and stats["int8"].rows == 1024 + 2048
     assert set(stats) == {"int6", "int8"}
     for name, t in state.items():
         if meta[name] == "passthrough":
@@ -196,7 +196,7 @@ def test_artifact_round_trip_dtypes_shapes_and_values():
     mlp_mats = {f"blocks.{i}.mlp.{m}.weight" for i in (0, 1) for m in ("fc", "proj")}
     assert {n for n, r in meta.items() if r == "int6"} == mlp_mats
     assert {n for n, r in meta.items() if r == "int8"} == {"tok_emb.weight", "bigram.embed.weight"}
-    assert stats["int6"][0] == 2 * (768 + 96) and stats["int8"][0] == 1024 + 1040
+    assert stats["int6"].rows == 2 * (768 + 96) and stats["int8"].rows == 1024 + 1040
 
 
 def test_small_bf16_embeddings_pass_through_and_come_back_bf16():

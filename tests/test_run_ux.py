@@ -95,7 +95,7 @@ def test_the_log_names_the_artifact_and_ends_with_a_summary(tiny_run):
     lines = log_lines(tiny_run)
     blob = (tiny_run / "final_model.int6.ptz").read_bytes()
     assert f"artifact:final_model.int6.ptz bytes:{len(blob)} sha256:{hashlib.sha256(blob).hexdigest()}" in lines
-    code = len((REPO / "train_gpt.py").read_bytes())
+    code = len(tg.self_extracting((REPO / "train_gpt.py").read_bytes()))
     summary = [l for l in lines if l.startswith("summary: ")]
     assert summary[0] == "summary: steps:30 train_time:" + field(summary[0], "train_time") + " stop:iterations"
     bpb = dict(kv.split(":") for kv in summary[1].split()[2:-1])

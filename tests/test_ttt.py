@@ -15,6 +15,7 @@ SMALL = dict(NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", BI
              BIGRAM_DIM="16", XSA_LAST_N="1", TRAIN_SEQ_LEN="16", EVAL_SEQ_LEN="32", EVAL_STRIDE="8",
              VOCAB_SIZE="64", TTT_CHUNK_TOKENS="48", TTT_LR="0.05", TTT_EPOCHS="2")
 LUTS = (torch.ones(64, dtype=torch.int16), torch.zeros(64, dtype=torch.bool), torch.zeros(64, dtype=torch.bool))
+RT = SimpleNamespace(rank=0, world_size=1, device=CPU, cuda=False, compile=False, distributed=False)
 
 
 def instrumented_ttt(monkeypatch, total: int, **env):
@@ -24,15 +25,16 @@ def instrumented_ttt(monkeypatch, total: int, **env):
     torch.manual_seed(0)
     model = tg.build_model(hp, CPU)
     val = torch.randint(0, 64, (total + 1,))
+    plain = tg.evaluate(tg.Scorer(model, RT), val, LUTS, hp.eval_len, hp.eval_stride, 4, 0, 1)
     events = []
-    real_score = tg.score_windows
+    real_score, real_train = tg.score_windows, tg.ttt_train_chunk
 
-    def score(logits_fn, val_dev, luts, windows, window, batch_windows, sums):
+    def score(scorer, val_dev, luts, windows, window, batch_windows, sums):
         for start, first in windows:
             events.append(("score", list(range(start + first, start + window))))
-        real_score(logits_fn, val_dev, luts, windows, window, batch_windows, sums)
+        real_score(scorer, val_dev, luts, windows, window, batch_windows, sums)
 
-    def train(model, optimizer, val_dev, starts, seq_len, num_seqs, epochs, world_size):
+    def train(model, params, optimizer, val_dev, starts, seq_len, num_seqs, epochs, world_size):
         targets = [t for s in starts.tolist() for t in range(s, s + seq_len)]  # inputs s.., targets s+1.. = index s..
         step = optimizer.step
 
@@ -41,15 +43,15 @@ def instrumented_ttt(monkeypatch, total: int, **env):
             step()
 
         optimizer.step = counted
-        tg.ttt_train_chunk(model, optimizer, val_dev, starts, seq_len, num_seqs, epochs, world_size)
+        real_train(model, params, optimizer, val_dev, starts, seq_len, num_seqs, epochs, world_size)
         optimizer.step = step
 
     monkeypatch.setattr(tg, "score_windows", score)
-    rt = SimpleNamespace(rank=0, world_size=1, device=CPU, cuda=False)
+    monkeypatch.setattr(tg, "ttt_train_chunk", train)
     logs = []
-    result = tg.ttt_evaluate(model, model.forward_logits, train, val, LUTS, hp, rt, 4, logs.append)
+    result = tg.ttt_evaluate(model, tg.Scorer(model, RT), val, LUTS, hp, RT, 4, logs.append)
     monkeypatch.setattr(tg, "score_windows", real_score)
-    plain = tg.evaluate(model.forward_logits, val, LUTS, hp.eval_len, hp.eval_stride, 4, 0, 1, CPU)
+    monkeypatch.setattr(tg, "ttt_train_chunk", real_train)
     return result, plain, events, logs, hp
 
 
@@ -84,9 +86,8 @@ def test_frozen_blocks_do_not_move_and_the_cap_stops_updates(monkeypatch):
     torch.manual_seed(0)
     model = tg.build_model(hp, CPU)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rt = SimpleNamespace(rank=0, world_size=1, device=CPU, cuda=False)
     val = torch.randint(0, 64, (241,))
-    tg.ttt_evaluate(model, model.forward_logits, tg.ttt_train_chunk, val, LUTS, hp, rt, 4, lambda line: None)
+    tg.ttt_evaluate(model, tg.Scorer(model, RT), val, LUTS, hp, RT, 4, lambda line: None)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.0."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.1."))
@@ -134,3 +135,67 @@ def test_two_ranks_adapt_like_one(tmp_path, tiny_data):
     assert abs(float(field(one, "val_loss")) - float(field(two, "val_loss"))) < 2e-3
     # TTT_LR=0 through the whole script: the TTT line is the sliding line, to the last digit
     assert finals(zero, "final_int6_ttt_exact").split()[1:] == finals(zero, "final_int6_sliding_window_exact").split()[1:]
+
+
+def test_embedding_tables_train_in_fp32_and_keep_sub_bf16_updates():
+    """bf16 tables would round TTT's ~1e-6 updates away: they train in fp32 (read in bf16), and updates smaller
+    than half a bf16 step of the value survive."""
+    hp = tg.read_hyperparameters(SMALL)
+    torch.manual_seed(0)
+    model = tg.build_model(hp, CPU)
+    before = {k: v.float().clone() for k, v in model.state_dict().items()}
+    assert model.tok_emb.weight.dtype == torch.bfloat16
+    logs = []
+    tg.ttt_evaluate(model, tg.Scorer(model, RT), torch.randint(0, 64, (241,)), LUTS,
+                    tg.read_hyperparameters({**SMALL, "TTT_LR": "1e-4"}), RT, 4, logs.append)
+    assert logs[0].endswith("embedding_tables:fp32")
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    delta = (model.tok_emb.weight - before["tok_emb.weight"]).abs()
+    assert ((delta > 0) & (delta < before["tok_emb.weight"].abs() * 2.0 ** -9)).any()  # lost in a bf16 table
+
+
+def test_one_all_reduce_per_step_for_all_gradients(monkeypatch):
+    hp = tg.read_hyperparameters(SMALL)
+    torch.manual_seed(0)
+    model = tg.build_model(hp, CPU)
+    params = [p for p in model.parameters() if p.requires_grad]
+    sizes = []
+    monkeypatch.setattr(tg.dist, "all_reduce", lambda t, *a, **k: sizes.append(t.numel()))
+    optimizer = torch.optim.SGD(params, lr=0.01)
+    val = torch.randint(0, 64, (200,))
+    tg.ttt_train_chunk(model, params, optimizer, val, torch.tensor([0, 16, 32]), 16, 6, 3, world_size=2)
+    assert sizes == [sum(p.numel() for p in params)] * 3  # one flat buffer per step, 3 epochs
+
+
+def test_the_training_graph_is_primed_on_random_tokens_outside_the_cap(monkeypatch):
+    """Under compile the first TTT training call compiles: it runs before the chunk loop on random tokens (never
+    validation tokens), and its time does not count towards TTT_MAX_SECONDS. The clock here only moves during
+    that first call (100 s, as a compilation might take)."""
+    hp = tg.read_hyperparameters({**SMALL, "TTT_MAX_SECONDS": "1.0"})
+    torch.manual_seed(0)
+    model = tg.build_model(hp, CPU)
+    val = torch.randint(0, 64, (241,))
+    calls, now = [], [0.0]
+
+    def fake_compile(fn, rt):  # eager; the first call of the training graph "takes" 100 s
+        def compiled(ids, targets):
+            calls.append(ids.clone())
+            now[0] += 100.0 * (len(calls) == 1)
+            return fn(ids, targets)
+        return compiled if isinstance(fn, tg.GPT) else fn
+
+    monkeypatch.setattr(tg, "maybe_compile", fake_compile)
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: now[0])
+    scored_first = []
+    real_score = tg.score_windows
+    monkeypatch.setattr(tg, "score_windows", lambda *a: (scored_first.append(len(calls)), real_score(*a)))
+    logs = []
+    tg.ttt_evaluate(model, tg.Scorer(model, RT), val, LUTS, hp, SimpleNamespace(**{**vars(RT), "compile": True}), 4,
+                    logs.append)
+    assert scored_first[0] == 1  # primed before the first chunk was scored
+    windows = {tuple(val[s : s + 16].tolist()) for s in range(len(val) - 15)}
+    assert not any(tuple(row.tolist()) in windows for row in calls[0])  # random tokens, not validation windows
+    assert "ttt:primed compile_ms:100000 (random tokens, not timed by the cap)" in logs
+    assert not any(line.startswith("ttt:updates_stopped") for line in logs)  # the 100 s are not in the 1 s cap
+    assert len(calls) == 1 + 4 * hp.ttt_epochs  # priming, then every chunk but the last trains
