@@ -1,17 +1,10 @@
-"""Throughput benchmark: run the real train_gpt.py for a short, capped time and summarise its log.
-
-Measuring through the script itself (not a copy of its training loop) means the numbers are those of the submitted
-code. The summary: ms/step, tokens/s, model FLOPs utilisation, peak memory, compile (warmup) and export time, the
-attention backend, and the sliding-window eval rate (with --full-val-targets N: extrapolated to a validation set of
-N targets on 8 GPUs). The model's shape comes from the log's own hparam lines.
-
+"""Throughput benchmark: run the real train_gpt.py for a short, capped time (the submitted code, not a copy of its
+loop) and summarise its log: ms/step, tokens/s, MFU, peak memory, compile (warmup) and export time, the attention
+backend and the sliding eval's rate (extrapolated to 8 GPUs with --full-val-targets N), the model's shape read from
+the log's hparam lines. Exit status: 0; 2 bad input (one `error:` line); else train_gpt.py's.
     python bench/bench.py --seconds 120 --nproc 1 -- TRAIN_FILES='d/blogs_*.bin' VAL_FILES='d/fineweb_val_*.bin'
     python bench/bench.py --log logs/<RUN_ID>.txt           # summarise a finished run instead
-
-Exit status: 0 summarised; 2 bad input (one `error:` line); otherwise train_gpt.py's own non-zero status.
 """
-from __future__ import annotations
-
 import argparse
 import os
 import subprocess
@@ -37,40 +30,33 @@ def flops_per_token(hp: dict[str, str]) -> float:
 
 
 def window_count(targets: int, window: int, stride: int) -> int:
-    """Windows of the sliding eval over `targets` (train_gpt.sliding_windows: the last one aligned to the end)."""
-    if targets <= window:
-        return 1
-    n = (targets - window) // stride + 1
-    return n + ((n - 1) * stride + window < targets)
+    """Windows of the sliding eval (as train_gpt.sliding_windows: every `stride`, the last one aligned to the end)."""
+    return 1 if targets <= window else -(-(targets - window) // stride) + 1
 
 
 def summarise(path: Path, full_val_targets: int | None = None) -> dict[str, float | str]:
     """The benchmark figures of one train_gpt.py log; LogError (naming the file) when it has nothing to time."""
     run = runlog.read(path)
-    if not run.hparams:
-        raise runlog.LogError(f"{path}: no 'hparam' lines; is it a train_gpt.py log?")
     step = run.last("step")  # the last one: the final validation, whose train_time and step_avg are the run's
-    if step is None or not step.num("step"):
-        raise runlog.LogError(f"{path}: no training step lines; nothing to time (an EVAL_ONLY run?)")
+    if not run.hparams or step is None or not step.num("step"):
+        raise runlog.LogError(f"{path}: no hparam or training step lines: not a training log (EVAL_ONLY?)")
     hp, world, ms = run.hparams, int(run.num("world_size") or 1), step.num("step_avg")
-    tokens_per_s = int(hp["TRAIN_BATCH_TOKENS"]) / (ms / 1000)
-    backend = run.last("attention_backend") or runlog.Line("", {}, [], "")
-    out: dict[str, float | str] = {"world_size": world, "attention": backend.fields.get("attention_backend", "-"),
-                                   "device": backend.fields.get("device", "-")}
-    out.update(steps=int(step.num("step")), ms_per_step=ms, tokens_per_s=tokens_per_s,
-               tokens_per_s_per_gpu=tokens_per_s / world,
-               mfu_vs_h100_bf16=flops_per_token(hp) * tokens_per_s / (H100_BF16_DENSE_FLOPS * world))
-    for key, ms_value in (("warmup_compile_s", run.num("warmup_time")), ("export_s", run.num("export_time"))):
-        if ms_value is not None:
-            out[key] = ms_value / 1000
-    if (peak := run.last("peak memory allocated")) is not None:  # CUDA only
+    tps = int(hp["TRAIN_BATCH_TOKENS"]) / (ms / 1000)  # tokens/s: the batch is global, every rank's tokens
+    backend = run.last("attention_backend")
+    out: dict[str, float | str] = {"world_size": world, "attention": backend.fields["attention_backend"],
+                                   "device": backend.fields["device"]} if backend else {"world_size": world}
+    out.update(steps=int(step.num("step")), ms_per_step=ms, tokens_per_s=tps, tokens_per_s_per_gpu=tps / world,
+               mfu_vs_h100_bf16=flops_per_token(hp) * tps / (H100_BF16_DENSE_FLOPS * world))
+    times = {"warmup_compile_s": run.num("warmup_time"), "export_s": run.num("export_time")}
+    out.update({key: value / 1000 for key, value in times.items() if value is not None})
+    if peak := run.last("peak memory allocated"):  # CUDA only
         out.update(peak_allocated_mib=int(peak.num()), peak_reserved_mib=int(peak.num("reserved")))
     sliding, targets = run.last("final_int6_sliding_window"), run.num("val_loader", "tokens")
     if sliding and targets:
-        window = int(hp["EVAL_SEQ_LEN"]) or int(hp["TRAIN_SEQ_LEN"])
-        stride, seconds = int(sliding.num("stride")), sliding.num("eval_time") / 1000
-        per_gpu = window_count(int(targets), window, stride) / seconds / world
-        out.update(sliding_windows=window_count(int(targets), window, stride), sliding_windows_per_s_per_gpu=per_gpu)
+        window, stride = int(hp["EVAL_SEQ_LEN"]) or int(hp["TRAIN_SEQ_LEN"]), int(sliding.num("stride"))
+        windows = window_count(int(targets), window, stride)
+        per_gpu = windows / (sliding.num("eval_time") / 1000) / world
+        out.update(sliding_windows=windows, sliding_windows_per_s_per_gpu=per_gpu)
         if full_val_targets:
             out["sliding_full_val_8gpu_s"] = window_count(full_val_targets, window, stride) / (8 * per_gpu)
     return out
@@ -78,26 +64,25 @@ def summarise(path: Path, full_val_targets: int | None = None) -> dict[str, floa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=120, help="training wall-clock cap (default 120)")
-    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for torchrun (default 1)")
-    parser.add_argument("--run-id", default="bench", help="RUN_ID of the benchmark run (default bench)")
-    parser.add_argument("--log", type=Path, help="summarise this existing log instead of running")
-    parser.add_argument("--full-val-targets", type=int, metavar="N",
-                        help="targets of the full validation set, to extrapolate the sliding eval to 8 GPUs")
-    parser.add_argument("env", nargs="*", metavar="NAME=VALUE", help="hyperparameters for train_gpt.py")
+    add = parser.add_argument
+    add("--seconds", type=float, default=120, help="training wall-clock cap (default 120)")
+    add("--nproc", type=int, default=1, help="processes (GPUs) for torchrun (default 1)")
+    add("--run-id", default="bench", help="RUN_ID of the benchmark run (default bench)")
+    add("--log", type=Path, help="summarise this existing log instead of running")
+    add("--full-val-targets", type=int, metavar="N", help="targets of the full validation set of the data's variant")
+    add("env", nargs="*", metavar="NAME=VALUE", help="hyperparameters for train_gpt.py")
     args = parser.parse_args(argv)
     if args.log is None:
-        names = runlog.script_defaults((REPO / "train_gpt.py").read_bytes())
         env = dict(os.environ, MAX_WALLCLOCK_SECONDS=str(args.seconds), VAL_LOSS_EVERY="0", RUN_ID=args.run_id)
+        names = runlog.script_defaults((REPO / "train_gpt.py").read_bytes())
         for item in args.env:
             name, sep, value = item.partition("=")
             if not sep or name not in names:
-                parser.error(f"{item!r}: expected NAME=VALUE with NAME one of train_gpt.py's hyperparameters")
+                parser.error(f"{item!r}: expected NAME=VALUE, NAME one of train_gpt.py's hyperparameters")
             env[name] = value
-        torchrun = Path(sys.executable).with_name("torchrun")
-        cmd = [str(torchrun), "--standalone", f"--nproc_per_node={args.nproc}", str(REPO / "train_gpt.py")]
-        code = subprocess.run(cmd, env=env).returncode
-        if code not in (0, 1):  # 1 = over the size limit or a budget, which does not matter here
+        cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={args.nproc}",
+               str(REPO / "train_gpt.py")]
+        if (code := subprocess.run(cmd, env=env).returncode) not in (0, 1):  # 1: over a limit, no matter here
             print(f"error: train_gpt.py exited {code}", file=sys.stderr)
             return code
         args.log = Path("logs") / f"{args.run_id}.txt"

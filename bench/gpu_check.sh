@@ -21,7 +21,8 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU ' || true)
 echo "gpus: $gpus (nvidia-smi -L)"
-data=$(cd "${GPU_CHECK_DATA:-scratch/gpu}" 2>/dev/null && pwd) || { echo "gpu_check: no data folder ${GPU_CHECK_DATA:-scratch/gpu}" >&2; exit 2; }
+fail() { echo "gpu_check: $1" >&2; exit 2; }
+data=$(cd "${GPU_CHECK_DATA:-scratch/gpu}" 2>/dev/null && pwd) || fail "no data folder ${GPU_CHECK_DATA:-scratch/gpu}"
 work=${OUT:-$repo/scratch/gpu_check}
 mkdir -p "$work"
 smoke=${GPU_CHECK_SMOKE:-0}
@@ -29,7 +30,7 @@ py=${PYTHON:-python3}
 
 if ! "$py" -c "import zstandard" 2>/dev/null; then
   wheels=${GPU_CHECK_WHEELS:-scratch/wheels}
-  ls "$wheels"/*.whl >/dev/null 2>&1 || { echo "gpu_check: zstandard is missing and $wheels holds no wheels" >&2; exit 2; }
+  ls "$wheels"/*.whl >/dev/null 2>&1 || fail "zstandard is missing and $wheels holds no wheels"
   "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_check_site "$wheels"/*.whl
   export PYTHONPATH=/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -39,7 +40,7 @@ done
 train=$(ls "$data"/*train_*.bin 2>/dev/null | head -n 1) || true
 val=$(ls "$data"/*val_*.bin 2>/dev/null | head -n 1) || true
 model=$(ls "$data"/*.model 2>/dev/null | head -n 1) || true
-[[ -n $train && -n $val && -n $model ]] || { echo "gpu_check: $data needs *train_*.bin, *val_*.bin and a *.model" >&2; exit 2; }
+[[ -n $train && -n $val && -n $model ]] || fail "$data needs *train_*.bin, *val_*.bin and a *.model"
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -83,7 +84,8 @@ for run in "${runs[@]}"; do
   names+=("$name")
 done
 
-GPU_CHECK_FULL_VAL_TARGETS=${GPU_CHECK_FULL_VAL_TARGETS:-62021632} "$py" - "$work" "${names[@]}" <<'PY' | tee "$work/table.txt"
+export GPU_CHECK_FULL_VAL_TARGETS=${GPU_CHECK_FULL_VAL_TARGETS:-62021632}
+"$py" - "$work" "${names[@]}" <<'PY' | tee "$work/table.txt"
 import os, sys
 from pathlib import Path
 sys.path[:0] = ["bench", "records"]
@@ -94,9 +96,10 @@ full = int(os.environ["GPU_CHECK_FULL_VAL_TARGETS"])
 cols = {name: bench.summarise(log, full) for name, log in logs.items()}
 first = runlog.read(logs[names[0]])
 rows = [("attention", "attention"), ("processes", "world_size"), ("steps", "steps"), ("ms/step", "ms_per_step"),
-        ("tokens/s", "tokens_per_s"), ("MFU (989 TFLOP/s)", "mfu_vs_h100_bf16"), ("peak alloc MiB", "peak_allocated_mib"),
-        ("compile+warmup s", "warmup_compile_s"), ("export (zstd-22) s", "export_s"),
-        ("sliding windows/s/GPU", "sliding_windows_per_s_per_gpu"), ("full sliding, 8 GPUs, s", "sliding_full_val_8gpu_s")]
+        ("tokens/s", "tokens_per_s"), ("MFU (989 TFLOP/s)", "mfu_vs_h100_bf16"),
+        ("peak alloc MiB", "peak_allocated_mib"), ("compile+warmup s", "warmup_compile_s"),
+        ("export (zstd-22) s", "export_s"), ("sliding windows/s/GPU", "sliding_windows_per_s_per_gpu"),
+        ("full sliding, 8 GPUs, s", "sliding_full_val_8gpu_s")]
 show = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 print(f"{'torch ' + str(first.torch_version):26}" + "".join(f"{name:>22}" for name in names))
 for label, key in rows:

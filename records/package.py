@@ -174,6 +174,8 @@ def significance(runs: list[runlog.RunLog], score: str, sota_loss: float | None,
     except ImportError:
         raise UsageError("scipy is not installed; the significance test needs it (pip install scipy)") from None
     lines = [ln for r in runs if (ln := r.last(score))]
+    if sota_bpb is not None and any(ln.num("tokens") is None or ln.num("bytes") is None for ln in lines):
+        raise UsageError(f"--sota-bpb: a {score} line has no tokens:/bytes: to convert with; give --sota-loss")
     sotas = [sota_loss if sota_loss is not None else sota_bpb * math.log(2) * ln.num("bytes") / ln.num("tokens")
              for ln in lines]
     diffs = [ln.num("val_loss") - (sota - MARGIN_NATS) for ln, sota in zip(lines, sotas)]
@@ -270,7 +272,7 @@ def submission(args: argparse.Namespace, runs: list[runlog.RunLog], comp: Compli
            "seeds": [r.seed for r in runs], "seed_results": results, "score_line": score,
            "bytes_total": max(totals) if totals else None, "bytes_code": len(wrapper),
            "hardware": " / ".join(dict.fromkeys(hardware(r) for r in runs)),
-           "pytorch_version": " / ".join(dict.fromkeys(str(r.torch_version) for r in runs)),
+           "pytorch_version": " / ".join(dict.fromkeys(r.torch_version or "unknown" for r in runs)),
            "compliance": dict(comp.flags, failures=comp.failures)}
     if sig is not None:
         sub["significance"] = sig
@@ -310,15 +312,17 @@ def readme(sub: dict, comp: Compliance, command: str, local: list[str], variant:
         out += ["", "Failed checks:", ""] + [f"- {f}" for f in comp.failures]
     if sig_text:
         out += ["", "## Significance", "", "```", sig_text, "```"]
-    out += ["", "## Run command", "", f"Data: `python data/cached_challenge_fineweb.py --variant {variant}`; the data "
-            "and tokenizer paths are the script's defaults. Settings that differ from the script's defaults:", "",
+    repo = "" if variant == "sp1024" else "MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf "  # where SP4096/8192 are
+    out += ["", "## Run command", "", f"Data: `{repo}python data/cached_challenge_fineweb.py --variant {variant}`. "
+            "Settings that differ from the script's defaults:", "",
             "```bash", "pip install -r requirements.txt", command, "```", ""]
     if local:
         out += ["Local data paths of these logs (not part of the command): " + " ".join(f"`{s}`" for s in local), ""]
     out += ["## Files", "", "- `train_gpt.py`: the counted code, self-extracting (raw LZMA2 + base85); it runs the "
             "readable `train_gpt_source.py` (not counted), which every log embeds",
             "- `train_seed<S>.log`: the logs; `submission.json`: metadata and per-seed results; `requirements.txt`"]
-    return "\n".join(out + (["- `curves.png`: train/val loss and val_bpb against training time"] if curves else [])) + "\n"
+    out += ["- `curves.png`: train/val loss and val_bpb against training time"] if curves else []
+    return "\n".join(out) + "\n"
 
 
 def write_folder(dest: Path, files: dict[str, bytes]) -> None:
@@ -418,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     sota = p.add_mutually_exclusive_group()
     sota.add_argument("--sota-loss", type=float, help="current record's val_loss (nats) for the significance test")
     sota.add_argument("--sota-bpb", type=float, help="current record's val_bpb, converted with each log's tokens/bytes")
-    p.add_argument("--out-root", type=Path, default=Path("records"), help="folder holding the tracks (default: records)")
+    p.add_argument("--out-root", type=Path, default=Path("records"), help="where the tracks are (default: records)")
     try:
         return package(p.parse_args(argv))
     except UsageError as exc:

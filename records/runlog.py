@@ -1,15 +1,13 @@
-"""The one reader of train_gpt.py's log format, for every tool of the project (train_gpt.py itself never imports it).
+"""The one reader of train_gpt.py's log, for every tool of the project (train_gpt.py itself never imports it).
 
 A log is the script's readable source, a line of 100 '=', an environment block (Python and PyTorch versions,
-nvidia-smi), another such line, then the body. Almost every body line is `prefix key:value key:value ...`:
+nvidia-smi), another such line, then the body, where almost every line is `prefix key:value key:value ...`:
 
     step:30/30 val_loss:6.2233 val_bpb:3.6207 train_time:4904ms step_avg:163.45ms lr_mul:0.0000
     final_int6_sliding_window_exact val_loss:6.25268294 val_bpb:3.63777171 tokens:4096 bytes:10157 subset
 
-Each is read generically into a Line: its name (the first word, or the key of a leading `key:value`), its fields
-and its bare words. Two other forms need care: `hparam NAME=value` (the hyperparameters) and amount lines such as
-`Code size: 27222 bytes` or `peak memory allocated: 13647 MiB reserved: 14000 MiB`, whose labels hold spaces
-(the Line is named by the first label; every label is a field).
+Each is read generically into a Line (its name: the first word, or the key of a leading `key:value`). Two forms need
+care: `hparam NAME=value`, and amount lines such as `Code size: 27222 bytes`, whose labels hold spaces.
 """
 from __future__ import annotations
 

@@ -71,8 +71,8 @@ def not_a_log(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("make_log,expected", [
     (lambda run, tmp: tmp / "nope.txt", "nope.txt: log file not found"),
-    (strip_steps, "no_steps.txt: no training step lines"),
-    (not_a_log, "other.txt: no 'hparam' lines"),
+    (strip_steps, "no_steps.txt: no hparam or training step lines"),
+    (not_a_log, "other.txt: no hparam or training step lines"),
 ], ids=["missing", "no-step-lines", "not-a-log"])
 def test_bad_log_is_one_line(tiny_run, tmp_path, capsys, make_log, expected):
     assert bench.main(["--log", str(make_log(tiny_run, tmp_path))]) == 2

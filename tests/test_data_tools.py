@@ -483,8 +483,9 @@ def serve(repo_id: str, root: Path) -> tuple[http.server.ThreadingHTTPServer, st
             if path == f"/api/datasets/{repo_id}/revision/main":
                 data = json.dumps({"id": repo_id, "sha": commit}).encode()
             elif path.startswith(f"/api/datasets/{repo_id}/tree/{commit}"):
-                data = json.dumps([{"type": "file", "path": f, "size": p.stat().st_size,
-                                    "oid": hashlib.sha1(p.read_bytes()).hexdigest()} for f, p in files.items()]).encode()
+                tree = [{"type": "file", "path": f, "size": p.stat().st_size,
+                         "oid": hashlib.sha1(p.read_bytes()).hexdigest()} for f, p in files.items()]
+                data = json.dumps(tree).encode()
             elif path.startswith(resolve) and path[len(resolve):] in files:
                 data = files[path[len(resolve):]].read_bytes()
                 headers["ETag"] = f'"{hashlib.sha1(data).hexdigest()}"'

@@ -17,7 +17,8 @@ import runlog  # noqa: E402
 
 SEEDS = (1337, 42, 2025)
 # A record's settings on the tiny model: the full validation set, the 600 s cap (a default, so not on the command).
-RECORD_ENV = dict(ITERATIONS="6", VAL_LOSS_EVERY="3", WARMDOWN_ITERS="3", VAL_MAX_TOKENS="0", MAX_WALLCLOCK_SECONDS="600")
+RECORD_ENV = dict(ITERATIONS="6", VAL_LOSS_EVERY="3", WARMDOWN_ITERS="3", VAL_MAX_TOKENS="0",
+                  MAX_WALLCLOCK_SECONDS="600")
 SOURCE = (REPO / "train_gpt.py").read_bytes()
 SHIPPED = tg.self_extracting(SOURCE)
 SEP = "=" * 100
@@ -86,7 +87,8 @@ def model_of(model: int):
     def edit(text: str) -> str:
         code = int(next(ln for ln in text.split("\n") if ln.startswith("Code size: ")).split()[2])
         text = replace("Serialized model", lambda ln: f"Serialized model int6+zstd: {model} bytes")(text)
-        return replace("Total submission size", lambda ln: f"Total submission size int6+zstd: {model + code} bytes")(text)
+        total = f"Total submission size int6+zstd: {model + code} bytes"
+        return replace("Total submission size", lambda ln: total)(text)
     return edit
 
 
@@ -153,7 +155,8 @@ def test_three_real_seeds_make_a_record(seeds, tmp_path, capsys):
         assert (result["val_loss"], result["val_bpb"]) == score(log)
     assert sub["bytes_total"] == max(r["artifact_bytes"] for r in sub["seed_results"].values())
     assert sub["hardware"].startswith("CPU") and sub["pytorch_version"] == tg.torch.__version__
-    assert all(v is True for k, v in sub["compliance"].items() if k != "failures") and sub["compliance"]["failures"] == []
+    flags = {k: v for k, v in sub["compliance"].items() if k != "failures"}
+    assert all(v is True for v in flags.values()) and sub["compliance"]["failures"] == []
     from scipy import stats
 
     expected = stats.ttest_1samp(losses, sota - 0.005, alternative="less")
@@ -299,8 +302,8 @@ def test_a_wrapper_of_another_size_counts_what_is_shipped(seeds, tmp_path, capsy
 
 def test_run_command_per_seed_and_challenge_data_paths(seeds, tmp_path):
     challenge_data = replace("hparam DATA_PATH=", lambda ln: "hparam DATA_PATH=./data/datasets/fineweb10B_sp8192")
-    logs = edited(seeds, tmp_path, {0: [challenge_data], 1: [challenge_data],
-                                    2: [challenge_data, replace("hparam MATRIX_LR=", lambda ln: "hparam MATRIX_LR=0.06")]})
+    other_lr = replace("hparam MATRIX_LR=", lambda ln: "hparam MATRIX_LR=0.06")
+    logs = edited(seeds, tmp_path, {0: [challenge_data], 1: [challenge_data], 2: [challenge_data, other_lr]})
     assert pack(tmp_path, logs, "--non-record") == 0
     readme = (folder(tmp_path, "track_non_record_16mb") / "README.md").read_text()
     command = readme.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()[1:]
@@ -341,7 +344,8 @@ def test_significance_sota_in_bpb_is_converted_per_run():
     losses = [1.8800, 1.8810, 1.8790]
     a = package.significance(runs_with(losses), package.SLIDING, 1.9, None)
     b = package.significance(runs_with(losses), package.SLIDING, None, 1.9 * ratio)
-    assert b["p_value"] == pytest.approx(a["p_value"], rel=1e-9) and b["sota_val_loss_per_seed"][0] == pytest.approx(1.9)
+    assert b["p_value"] == pytest.approx(a["p_value"], rel=1e-9)
+    assert b["sota_val_loss_per_seed"][0] == pytest.approx(1.9)
 
 
 def test_significance_of_one_seed_is_not_computable():
