@@ -113,8 +113,8 @@ class SplitWriter:
         self.bytes += len(text.encode("utf-8"))
         while ids.size:
             take = min(self.buf.size - self.fill, ids.size)
-            self.buf[self.fill : self.fill + take], ids = ids[:take], ids[take:]
-            self.fill += take
+            self.buf[self.fill : self.fill + take] = ids[:take]
+            self.fill, ids = self.fill + take, ids[take:]
             if self.fill == self.buf.size:
                 self.flush()
 

@@ -431,11 +431,14 @@ def test_manifest_layout_errors(tmp_path, hub, capsys, edit, expected):
     assert expected in one_error_line(capsys.readouterr().err)
 
 
-def test_out_that_is_a_file_is_refused_before_the_hub(tmp_path, hub, capsys):
+def test_out_that_is_a_file_or_under_one_is_refused_before_the_hub(tmp_path, hub, capsys):
     (tmp_path / "data").write_text("not a folder")
     with pytest.raises(SystemExit) as exc:
         download(tmp_path / "data")
-    assert exc.value.code == 2 and "exists and is not a folder" in capsys.readouterr().err and hub.calls == []
+    assert exc.value.code == 2 and "exists and is not a folder" in capsys.readouterr().err
+    assert download(tmp_path / "data" / "sub") == 2
+    assert one_error_line(capsys.readouterr().err).startswith(f"error: --out {tmp_path / 'data' / 'sub'}: Not a dir")
+    assert hub.calls == [] and (tmp_path / "data").read_text() == "not a folder"
 
 
 def _without_permission_override() -> None:
