@@ -246,7 +246,7 @@ def test_a_record_needs_three_seeds_and_significance_is_printed_anyway(seeds, tm
     assert "significance vs SOTA val_loss 7.0" in out.out and not (tmp_path / "out").exists()
 
 
-def test_non_record_is_written_with_its_failures(seeds, tmp_path, capsys):
+def test_non_record_is_written_with_its_failures(seeds, tmp_path):
     logs = edited(seeds, tmp_path, {1: [model_of(15_990_000), lambda text: "# edited\n" + text]}, keep=(0, 1))
     assert pack(tmp_path, logs, "--non-record") == 0
     d = folder(tmp_path, "track_non_record_16mb")
