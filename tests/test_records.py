@@ -141,6 +141,7 @@ def test_three_real_seeds_make_a_record(seeds, tmp_path, capsys):
             "seed_results", "bytes_total", "bytes_code", "hardware", "pytorch_version", "compliance",
             "significance"} <= set(sub)
     assert (sub["track"], sub["seeds"], sub["bytes_code"]) == ("10min_16mb", list(SEEDS), len(wrapper))
+    assert sub["score_line"] == "final_int6_sliding_window_exact"  # no TTT line in these logs
     bpbs = [score(log)[1] for log in seeds]
     assert sub["val_bpb"] == pytest.approx(np.mean(bpbs), abs=1e-8)
     assert sub["val_bpb_std"] == pytest.approx(np.std(bpbs, ddof=1), abs=1e-8)
