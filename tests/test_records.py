@@ -3,6 +3,7 @@ tiny runs (seeds 1337, 42, 2025) scored on a full (small) validation set; failur
 import json
 import math
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,13 @@ def seeds(tmp_path_factory, tiny_data) -> list[Path]:
         (data / shard.name).symlink_to(shard)
     val = np.fromfile(tiny_data / "fineweb_val_000000.bin", dtype="<u2", offset=1024)
     write_shard(data / "fineweb_val_000000.bin", val[:4097])
-    for seed in SEEDS:
-        run_tiny_training(work, data=data, SEED=str(seed), RUN_ID=f"s{seed}", **RECORD_ENV)
-    return [work / "logs" / f"s{seed}.txt" for seed in SEEDS]
+
+    def run(seed: int) -> Path:  # each in its own folder: a run reads back the artifact it wrote
+        run_tiny_training(work / f"s{seed}", data=data, SEED=str(seed), RUN_ID=f"s{seed}", **RECORD_ENV)
+        return work / f"s{seed}" / "logs" / f"s{seed}.txt"
+
+    with ThreadPoolExecutor(len(SEEDS)) as pool:  # independent processes: they overlap their start-up
+        return list(pool.map(run, SEEDS))
 
 
 def pack(tmp_path: Path, logs: list[Path], *extra: str) -> int:
@@ -171,7 +176,7 @@ def test_three_real_seeds_make_a_record(seeds, tmp_path, capsys):
     readme = (d / "README.md").read_text()
     command = readme.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
     assert command[0] == "pip install -r requirements.txt" and command[1] == "for SEED in 1337 42 2025; do"
-    hparams = dict(ln[len("hparam "):].split("=", 1) for ln in log_lines(seeds[0].parent.parent, "s1337")
+    hparams = dict(ln[len("hparam "):].split("=", 1) for ln in log_lines(seeds[0].parents[1], "s1337")
                    if ln.startswith("hparam "))
     expected_settings = {f"{k}={v}" for k, v in hparams.items() if str(tg.HPARAMS[k]) != v
                          and k not in ("RUN_ID", "SEED", "DATA_PATH", "TOKENIZER_PATH")}
