@@ -7,8 +7,6 @@ validation does not count against it). Right: val_bpb against the same axis. One
 when every log has its own, else by file name. The y axes fit the points after the first 5% of training time, so
 the initial drop does not flatten the rest. Bad input: one `error:` line, exit 2, nothing written.
 """
-from __future__ import annotations
-
 import argparse
 import io
 import os
@@ -21,8 +19,8 @@ import runlog  # noqa: E402
 FOCUS_FRACTION = 0.05
 
 
-class CurveError(Exception):
-    """Bad input, reported as one line."""
+class CurveError(Exception):  # bad input, reported as one line
+    pass
 
 
 def points(run: runlog.RunLog) -> tuple[list[tuple[float, float]], list[tuple[float, float, float]]]:
@@ -52,8 +50,8 @@ def focus_limits(pts: list[tuple[float, float]], t_max: float) -> tuple[float, f
     return lo - pad, hi + pad
 
 
-def render_png(runs: list[runlog.RunLog], title: str | None = None) -> bytes:
-    """The two-panel picture of the runs' step lines, as PNG bytes."""
+def figure(runs: list[runlog.RunLog], title: str | None = None):  # -> matplotlib.figure.Figure
+    """The two-panel picture of the runs' step lines, one colour per run (C0, C1, ...)."""
     try:
         import matplotlib  # noqa: F401  (first: a cached submodule would hide a missing package)
         from matplotlib.figure import Figure
@@ -76,30 +74,31 @@ def render_png(runs: list[runlog.RunLog], title: str | None = None) -> bytes:
             bpb_pts += list(zip(ts, bpbs))
         loss_pts += train + [(t, loss) for t, loss, _ in val]
         handles.append(Line2D([], [], color=colour, linewidth=2, label=name))
-    styles = [Line2D([], [], color="0.4", linewidth=1.2, label="train loss"),
-              Line2D([], [], color="0.4", linestyle="--", marker="o", markersize=4, label="val loss")]
+    handles += [Line2D([], [], color="0.4", linewidth=1.2, label="train loss"),
+                Line2D([], [], color="0.4", linestyle="--", marker="o", markersize=4, label="val loss")]
     for ax, pts, ylabel, heading in ((ax_loss, loss_pts, "loss (nats per token)", "train and validation loss"),
                                      (ax_bpb, bpb_pts, "val_bpb (bits per byte)", "validation bits per byte")):
         ax.set(xlabel="training time (s)", ylabel=ylabel, title=heading)
         ax.grid(True, alpha=0.3)
         if limits := focus_limits(pts, t_max):
             ax.set_ylim(*limits)
-    ax_loss.legend(handles=handles + styles, fontsize="small")
-    ax_bpb.legend(handles=handles, fontsize="small")
+    ax_loss.legend(handles=handles, fontsize="small")
+    ax_bpb.legend(handles=handles[:-2], fontsize="small")
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def render_png(runs: list[runlog.RunLog], title: str | None = None) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
+    figure(runs, title).savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()
 
 
-def read_curves(path: Path) -> runlog.RunLog:
-    try:
-        run = runlog.read(path)
-    except runlog.LogError as exc:
-        raise CurveError(str(exc)) from None
+def read_curves(path: Path) -> runlog.RunLog:  # LogError naming the file when it has nothing to draw
+    run = runlog.read(path)
     if not run.train and not run.val:
-        raise CurveError(f"{path}: no step lines with train_loss or val_loss; is it a train_gpt.py training log?")
+        raise runlog.LogError(f"{path}: no step lines with train_loss or val_loss; is it a train_gpt.py training log?")
     return run
 
 
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CurveError(f"--out {args.out}: folder {args.out.parent} does not exist")
         runs = [read_curves(p) for p in args.logs]
         png = render_png(runs, args.title)
-    except CurveError as exc:
+    except (CurveError, runlog.LogError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     tmp = args.out.with_name(f".{args.out.name}.tmp")  # written beside it, then renamed: never half a PNG

@@ -22,6 +22,26 @@ def test_points_of_a_real_tiny_run(tiny_run):
     assert [v[2] for v in got_val] == [float(field(ln, "val_bpb")) for ln in val]
 
 
+def test_every_log_is_drawn_in_its_own_colour(tiny_run):
+    """Three logs (the tiny run's, and two copies with other seeds and losses): each colour's lines are its log's."""
+    text = (tiny_run / "logs" / "tiny.txt").read_bytes()
+    runs = [runlog.parse(text.replace(b"\nseed:1337\n", f"\nseed:{seed}\n".encode())
+                         .replace(b" train_loss:", f" train_loss:{shift}".encode()), REPO / f"s{seed}.txt")
+            for seed, shift in ((1337, ""), (42, "1"), (7, "2"))]  # '6.93' -> '16.93', '26.93'
+    fig = pc.figure(runs, "three seeds")
+    ax_loss, ax_bpb = fig.axes[:2]
+    for i, run in enumerate(runs):
+        train, val = pc.points(run)
+        mine = [line for line in ax_loss.get_lines() if line.get_color() == f"C{i}"]
+        assert [list(line.get_xdata()) for line in mine] == [[t for t, _ in train], [t for t, _, _ in val]]
+        assert list(mine[0].get_ydata()) == [y for _, y in train] and train[0][1] > 10 * i
+        (bpb,) = [line for line in ax_bpb.get_lines() if line.get_color() == f"C{i}"]
+        assert list(bpb.get_ydata()) == [b for _, _, b in val]
+    legend = [t.get_text() for t in ax_loss.get_legend().get_texts()]
+    assert legend == ["seed 1337", "seed 42", "seed 7", "train loss", "val loss"]
+    assert ax_loss.get_xlabel() == "training time (s)" and "bits per byte" in ax_bpb.get_ylabel()
+
+
 def synthetic(seed):
     return runlog.parse(f"seed:{seed}\n".encode() if seed is not None else b"", REPO / f"logs/s{seed}.txt")
 

@@ -187,12 +187,9 @@ def test_three_real_seeds_make_a_record(seeds, tmp_path, capsys):
     assert f"`DATA_PATH={hparams['DATA_PATH']}`" in local and f"`TOKENIZER_PATH={hparams['TOKENIZER_PATH']}`" in local
     assert "| 1337 | 6 |" in readme and "![loss curves](curves.png)" in readme
 
-    from matplotlib.image import imread  # one colour per seed, each drawn well beyond its legend sample
+    from matplotlib.image import imread  # (what it draws: tests/test_plot_curves.py)
 
-    rgb = imread(d / "curves.png")[..., :3]
-    for colour in ("#1f77b4", "#ff7f0e", "#2ca02c"):
-        target = np.array([int(colour[k:k + 2], 16) / 255 for k in (1, 3, 5)])
-        assert (np.abs(rgb - target).max(axis=-1) < 0.03).sum() > 300, colour
+    assert imread(d / "curves.png").shape[:2] == (480, 1200)
 
 
 # -- failed checks: one FAIL line naming the log, nothing written
