@@ -121,7 +121,7 @@ def ttt_lines(loss: float):
 
 def test_three_real_seeds_make_a_record(seeds, tmp_path, capsys):
     losses = [score(log)[0] for log in seeds]
-    sota = max(losses) + 0.5
+    sota = max(losses) + 2.0  # far enough below SOTA for any spread of three tiny runs
     assert pack(tmp_path, seeds, "--sota-loss", str(sota)) == 0
     out = capsys.readouterr()
     d = folder(tmp_path)
