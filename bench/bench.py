@@ -1,130 +1,95 @@
-"""Throughput benchmark: run the real train_gpt.py for a short, capped time and summarise its log.
-
-Measuring through the script itself (not a copy of its training loop) means the numbers are those of the code that
-is submitted. The summary gives ms/step, tokens/s, model FLOPs utilisation, peak memory, compile (warmup) time, the
-attention backend, and the sliding-window eval rate extrapolated to the full validation set on 8 GPUs.
-
+"""Throughput benchmark: run the real train_gpt.py for a short, capped time (the submitted code, not a copy of its
+loop) and summarise its log: ms/step, tokens/s, MFU, peak memory, compile (warmup) and export time, the attention
+backend and the sliding eval's rate (extrapolated to 8 GPUs with --full-val-targets N), the model's shape read from
+the log's hparam lines. Exit status: 0; 2 bad input (one `error:` line); else train_gpt.py's.
     python bench/bench.py --seconds 120 --nproc 1 -- TRAIN_FILES='d/blogs_*.bin' VAL_FILES='d/fineweb_val_*.bin'
     python bench/bench.py --log logs/<RUN_ID>.txt           # summarise a finished run instead
-
-Settings after `--` are NAME=VALUE env vars for train_gpt.py (any of its hyperparameters).
-
-Exit status: 0 summarised; 2 bad input (a --log that does not exist, a log that is not a train_gpt.py training log
-or has no training step lines), one line on stderr; otherwise train_gpt.py's own non-zero status.
 """
-from __future__ import annotations
-
 import argparse
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "records"))
+import runlog  # noqa: E402
 
-import train_gpt as tg  # noqa: E402
-
-PROG = "bench.py"
 H100_BF16_DENSE_FLOPS = 989.4e12  # H100 SXM, bf16 tensor cores without sparsity (NVIDIA datasheet)
-FULL_VAL_TARGETS = 62_021_632  # the challenge validation set (SPEC B§1.5)
 
 
-def model_flops_per_token(hp) -> float:
-    """Training FLOPs per token: 6 x (weights used in matmuls, the tied head included) + causal attention
-    6 x layers x seq_len x model_dim (QK^T and AV, forward 2 x T x d on average under the causal mask, x3 with
-    the backward pass). Embedding lookups cost no matmul FLOPs."""
-    d, layers, t = hp.model_dim, hp.num_layers, hp.train_seq_len
-    kv = d // hp.num_heads * hp.num_kv_heads
-    block = d * d + 2 * d * kv + d * d + 2 * d * int(hp.mlp_mult * d)
-    bigram = hp.bigram_dim * d if hp.bigram_vocab_size else 0
-    head = d * hp.vocab_size * (1 + hp.mtp_num_heads)
+def flops_per_token(hp: dict[str, str]) -> float:
+    """Training FLOPs per token: 6 x the weights used in matmuls (tied head included) + causal attention,
+    6 x layers x seq_len x model_dim (QK^T and AV at 2 x T x d on average under the mask, x3 with the backward)."""
+    d, layers, t = int(hp["MODEL_DIM"]), int(hp["NUM_LAYERS"]), int(hp["TRAIN_SEQ_LEN"])
+    kv = d // int(hp["NUM_HEADS"]) * int(hp["NUM_KV_HEADS"])
+    block = 2 * d * d + 2 * d * kv + 2 * d * int(float(hp["MLP_MULT"]) * d)
+    bigram = int(hp["BIGRAM_DIM"]) * d if int(hp["BIGRAM_VOCAB_SIZE"]) else 0
+    head = d * int(hp["VOCAB_SIZE"]) * (1 + int(hp["MTP_NUM_HEADS"]))
     return 6 * (layers * block + bigram + head) + 6 * layers * t * d
 
 
-class BenchError(Exception):
-    """Bad input, reported as one line on stderr (exit status 2)."""
+def window_count(targets: int, window: int, stride: int) -> int:
+    """Windows of the sliding eval (as train_gpt.sliding_windows: every `stride`, the last one aligned to the end)."""
+    return 1 if targets <= window else -(-(targets - window) // stride) + 1
 
 
-def last_match(lines: list[str], pattern: str) -> re.Match | None:
-    matches = [m for m in (re.search(pattern, line) for line in lines) if m]
-    return matches[-1] if matches else None
-
-
-def summarise(log: Path) -> dict[str, float | str]:
-    """The benchmark figures of one train_gpt.py log (BenchError when it has nothing to summarise)."""
-    if not log.is_file():
-        raise BenchError(f"{log}: log file not found" if not log.exists() else f"{log}: not a file")
-    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
-    hparams = dict(m.groups() for m in (re.match(r"hparam (\w+)=(.*)", line) for line in lines) if m)
-    if not hparams:
-        raise BenchError(f"{log}: no 'hparam' lines; is it a train_gpt.py log?")
-    step = last_match(lines, r"^step:(\d+)/\d+ .*train_time:(\d+)ms step_avg:([\d.]+)ms")
-    if step is None or int(step.group(1)) == 0:
-        raise BenchError(f"{log}: no training step lines ('step:N/M ... train_time:...ms step_avg:...ms' with N > 0); "
-                         "nothing to time (an EVAL_ONLY run, or training did not start)")
-    world_line = last_match(lines, r"^world_size:(\d+)")
-    if world_line is None:
-        raise BenchError(f"{log}: no 'world_size:' line; is it a train_gpt.py log?")
-    try:
-        hp = tg.read_hyperparameters(hparams)
-    except Exception as exc:  # e.g. a log of another train_gpt.py version whose settings this one rejects
-        raise BenchError(f"{log}: its hparam lines do not fit this train_gpt.py ({type(exc).__name__}: {exc})") from None
-    world = int(world_line.group(1))
-    out: dict[str, float | str] = {"world_size": world}
-    backend = last_match(lines, r"^attention_backend:(\S+) compile:(\d) device:(\S+)")
-    if backend:
-        out.update(attention=backend.group(1), compile=int(backend.group(2)), device=backend.group(3))
-    ms = float(step.group(3))
-    tokens_per_s = hp.train_batch_tokens / (ms / 1000)
-    out.update(steps=int(step.group(1)), ms_per_step=ms, tokens_per_s=tokens_per_s,
-               tokens_per_s_per_gpu=tokens_per_s / world,
-               mfu_vs_h100_bf16=model_flops_per_token(hp) * tokens_per_s / (H100_BF16_DENSE_FLOPS * world))
-    warmup = last_match(lines, r"^warmup_time:(\d+)ms")
-    if warmup:
-        out["warmup_compile_s"] = int(warmup.group(1)) / 1000
-    peak = last_match(lines, r"^peak memory allocated: (\d+) MiB reserved: (\d+) MiB")
-    if peak:
-        out.update(peak_allocated_mib=int(peak.group(1)), peak_reserved_mib=int(peak.group(2)))
-    targets = last_match(lines, r"^val_loader:.* tokens:(\d+)")
-    sliding = last_match(lines, r"^final_int6_sliding_window val_loss:\S+ val_bpb:\S+ stride:(\d+) eval_time:(\d+)ms")
-    if targets and sliding:
-        stride, seconds = int(sliding.group(1)), int(sliding.group(2)) / 1000
-        windows = len(tg.sliding_windows(int(targets.group(1)), hp.eval_len, stride))
-        per_gpu = windows / seconds / world
-        full = len(tg.sliding_windows(FULL_VAL_TARGETS, hp.eval_len, stride))
-        out.update(sliding_windows=windows, sliding_windows_per_s_per_gpu=per_gpu,
-                   sliding_full_val_8gpu_s=full / (8 * per_gpu))
+def summarise(path: Path, full_val_targets: int | None = None) -> dict[str, float | str]:
+    """The benchmark figures of one train_gpt.py log; LogError (naming the file) when it has nothing to time."""
+    run = runlog.read(path)
+    step = run.last("step")  # the last one: the final validation, whose train_time and step_avg are the run's
+    if not run.hparams or step is None or not step.num("step"):
+        raise runlog.LogError(f"{path}: no hparam or training step lines: not a training log (EVAL_ONLY?)")
+    hp, world, ms = run.hparams, int(run.num("world_size") or 1), step.num("step_avg")
+    tps = int(hp["TRAIN_BATCH_TOKENS"]) / (ms / 1000)  # tokens/s: the batch is global, every rank's tokens
+    backend = run.last("attention_backend")
+    out: dict[str, float | str] = {"world_size": world, "attention": backend.fields["attention_backend"],
+                                   "device": backend.fields["device"]} if backend else {"world_size": world}
+    out.update(steps=int(step.num("step")), ms_per_step=ms, tokens_per_s=tps, tokens_per_s_per_gpu=tps / world,
+               mfu_vs_h100_bf16=flops_per_token(hp) * tps / (H100_BF16_DENSE_FLOPS * world))
+    times = {"warmup_compile_s": run.num("warmup_time"), "export_s": run.num("export_time")}
+    out.update({key: value / 1000 for key, value in times.items() if value is not None})
+    if peak := run.last("peak memory allocated"):  # CUDA only
+        out.update(peak_allocated_mib=int(peak.num()), peak_reserved_mib=int(peak.num("reserved")))
+    sliding, targets = run.last("final_int6_sliding_window"), run.num("val_loader", "tokens")
+    if sliding and targets:
+        window, stride = int(hp["EVAL_SEQ_LEN"]) or int(hp["TRAIN_SEQ_LEN"]), int(sliding.num("stride"))
+        windows = window_count(int(targets), window, stride)
+        per_gpu = windows / (sliding.num("eval_time") / 1000) / world
+        out.update(sliding_windows=windows, sliding_windows_per_s_per_gpu=per_gpu)
+        if full_val_targets:
+            out["sliding_full_val_8gpu_s"] = window_count(full_val_targets, window, stride) / (8 * per_gpu)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=120, help="training wall-clock cap (default 120)")
-    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for torchrun (default 1)")
-    parser.add_argument("--run-id", default="bench", help="RUN_ID of the benchmark run (default bench)")
-    parser.add_argument("--log", type=Path, help="summarise this existing log instead of running")
-    parser.add_argument("env", nargs="*", metavar="NAME=VALUE", help="extra env vars for train_gpt.py")
+    add = parser.add_argument
+    add("--seconds", type=float, default=120, help="training wall-clock cap (default 120)")
+    add("--nproc", type=int, default=1, help="processes (GPUs) for torchrun (default 1)")
+    add("--run-id", default="bench", help="RUN_ID of the benchmark run (default bench)")
+    add("--log", type=Path, help="summarise this existing log instead of running")
+    add("--full-val-targets", type=int, metavar="N", help="targets of the full validation set of the data's variant")
+    add("env", nargs="*", metavar="NAME=VALUE", help="hyperparameters for train_gpt.py")
     args = parser.parse_args(argv)
     if args.log is None:
         env = dict(os.environ, MAX_WALLCLOCK_SECONDS=str(args.seconds), VAL_LOSS_EVERY="0", RUN_ID=args.run_id)
+        names = runlog.script_defaults((REPO / "train_gpt.py").read_bytes())
         for item in args.env:
             name, sep, value = item.partition("=")
-            if not sep or name not in tg.HPARAM_NAMES:
-                parser.error(f"{item!r}: expected NAME=VALUE with NAME one of train_gpt.py's hyperparameters")
+            if not sep or name not in names:
+                parser.error(f"{item!r}: expected NAME=VALUE, NAME one of train_gpt.py's hyperparameters")
             env[name] = value
-        torchrun = Path(sys.executable).with_name("torchrun")
-        cmd = [str(torchrun), "--standalone", f"--nproc_per_node={args.nproc}", str(REPO / "train_gpt.py")]
-        code = subprocess.run(cmd, env=env).returncode
-        if code not in (0, 1):  # 1 = over the size limit, which does not matter here
-            print(f"bench: train_gpt.py exited {code}", file=sys.stderr)
+        cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={args.nproc}",
+               str(REPO / "train_gpt.py")]
+        if (code := subprocess.run(cmd, env=env).returncode) not in (0, 1):  # 1: over a limit, no matter here
+            print(f"error: train_gpt.py exited {code}", file=sys.stderr)
             return code
         args.log = Path("logs") / f"{args.run_id}.txt"
     try:
-        summary = summarise(args.log)
-    except BenchError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        summary = summarise(args.log, args.full_val_targets)
+    except runlog.LogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     for key, value in summary.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")

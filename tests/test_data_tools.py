@@ -1,11 +1,10 @@
-"""Tests for data/make_shards.py and data/cached_challenge_fineweb.py (CPU, offline, a few seconds).
-
-The real-tokenizer tests read ../shared/data (override with PG_SHARED_DATA) and skip when it is absent;
-everything else trains a tiny SentencePiece model in the test and fakes the Hugging Face hub.
-"""
+"""data/make_shards.py and data/cached_challenge_fineweb.py, on CPU and offline: a SentencePiece model trained here
+(or the real one from ../shared/data), a fake hub in place of snapshot_download, and the real huggingface_hub client
+against a loopback server that speaks enough of the hub's protocol."""
 from __future__ import annotations
 
-import importlib.util
+import hashlib
+import http.server
 import io
 import json
 import os
@@ -13,61 +12,31 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-SHARED = Path(os.environ.get("PG_SHARED_DATA", REPO.parent / "shared" / "data"))
-REAL_MODEL = SHARED / "fineweb_1024_bpe.model"
-REAL_DOCS = SHARED / "fineweb_docs_200.jsonl"
+import train_gpt as tg
+from conftest import DOCS, REPO, TOKENIZER, needs_shared
 
+sys.path.insert(0, str(REPO / "data"))
+import cached_challenge_fineweb as ccf  # noqa: E402
+import make_shards as ms  # noqa: E402
 
-def _load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"data_{name}", REPO / "data" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-ms = _load_script("make_shards")
-ccf = _load_script("cached_challenge_fineweb")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# helpers and fixtures
+DOWNLOADER = REPO / "data" / "cached_challenge_fineweb.py"
 
 
 def read_shard(path: Path) -> np.ndarray:
-    """Independent reader: header checks of SPEC B1.2, then the uint16 body."""
+    """An independent reader of the format: header checks, then the uint16 body."""
     raw = path.read_bytes()
     header = np.frombuffer(raw[:1024], dtype="<i4")
-    assert header.size == 256, path
-    assert int(header[0]) == 20240520 and int(header[1]) == 1, path
-    assert not header[3:].any(), path
-    n = int(header[2])
-    assert len(raw) == 1024 + 2 * n, path
+    assert header.size == 256 and header[0] == 20240520 and header[1] == 1 and not header[3:].any(), path
+    assert len(raw) == 1024 + 2 * int(header[2]), path
     return np.frombuffer(raw[1024:], dtype="<u2")
-
-
-@pytest.fixture(scope="session")
-def train_gpt() -> ModuleType:
-    if not (REPO / "train_gpt.py").is_file():
-        pytest.skip("train_gpt.py is not in this checkout yet; its shard reader cannot be checked")
-    import train_gpt as module
-
-    return module
-
-
-def shard_read_error(train_gpt: ModuleType) -> tuple[type[BaseException], ...]:
-    return tuple({ValueError, getattr(train_gpt, "InputError", ValueError)})
 
 
 WORDS = "the of and golf ball par green tee club swing putt eagle birdie café naïve 東京 😀 1234 x-ray".split()
@@ -75,44 +44,22 @@ WORDS = "the of and golf ball par green tee club swing putt eagle birdie café n
 
 def make_docs(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    docs = []
-    for _ in range(n):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25))) for _ in range(rng.randint(1, 4))]
-        docs.append("\n".join(lines))
-    return docs
+    return ["\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25))) for _ in range(rng.randint(1, 4)))
+            for _ in range(n)]
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A ~300-piece byte-fallback BPE model shaped like the challenge tokenizer (pad 0, bos 1, eos 2, unk 3)."""
+def tiny_model(tmp_path_factory) -> Path:
+    """A ~300-piece byte-fallback BPE model laid out like the challenge's (pad 0, bos 1, eos 2, unk 3)."""
     import sentencepiece as spm
 
-    path = tmp_path_factory.mktemp("tok") / "tiny_bpe.model"
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(make_docs(400, seed=123)),
-        model_writer=buf,
-        model_type="bpe",
-        vocab_size=300,
-        byte_fallback=True,
-        character_coverage=1.0,
-        split_digits=True,
-        add_dummy_prefix=False,
-        hard_vocab_limit=False,
-        pad_id=0,
-        bos_id=1,
-        eos_id=2,
-        unk_id=3,
-        minloglevel=2,
-    )
+    path, buf = tmp_path_factory.mktemp("tok") / "tiny_bpe.model", io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(make_docs(400, seed=123)), model_writer=buf,
+                                   model_type="bpe", vocab_size=300, byte_fallback=True, character_coverage=1.0,
+                                   add_dummy_prefix=False, hard_vocab_limit=False, pad_id=0, bos_id=1, eos_id=2,
+                                   unk_id=3, minloglevel=2)
     path.write_bytes(buf.getvalue())
     return path
-
-
-def sp_load(path: Path) -> Any:
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=str(path))
 
 
 def write_jsonl(path: Path, docs: list[str]) -> Path:
@@ -120,259 +67,146 @@ def write_jsonl(path: Path, docs: list[str]) -> Path:
     return path
 
 
-def split_docs(stream: np.ndarray, bos: int) -> list[np.ndarray]:
-    starts = np.flatnonzero(stream == bos)
-    assert starts.size and starts[0] == 0, "the stream must open with a BOS"
-    return np.split(stream, starts[1:])
-
-
-def parse_counts(out: str) -> dict[str, dict[str, int]]:
-    counts = {}
-    for line in out.splitlines():
-        split, sep, rest = line.partition(": ")
-        if split in ("val", "train") and sep:
-            counts[split] = {k: int(v) for k, v in (kv.split("=") for kv in rest.split())}
-    return counts
-
-
 def one_error_line(err: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected exactly one line on stderr, got {lines!r}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
 
 
-def check_corpus_shards(out: Path, model: Path, docs: list[str], val_docs: int, shard_tokens: int, stdout: str) -> None:
-    sp = sp_load(model)
-    bos = sp.bos_id()
-    val_files = sorted(out.glob("fineweb_val_*.bin"))
-    train_files = sorted(out.glob("fineweb_train_*.bin"))
-    assert {p.name for p in out.iterdir()} == {p.name for p in val_files + train_files}, "stray files in --out"
-    expected_counts = {}
-    for split, files, texts in (("val", val_files, docs[:val_docs]), ("train", train_files, docs[val_docs:])):
-        shards = [read_shard(p) for p in files]
+def check_corpus_shards(out: Path, model: Path, docs: list[str], val_docs: int, shard_tokens: int, stdout: str):
+    """The shards hold each document's encoding after one BOS, val then train, full shards but the last."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    counts = {}
+    for split, texts in (("val", docs[:val_docs]), ("train", docs[val_docs:])):
+        files = sorted(out.glob(f"fineweb_{split}_*.bin"))
         assert [p.name for p in files] == [f"fineweb_{split}_{i:06d}.bin" for i in range(len(files))]
-        assert all(s.size == shard_tokens for s in shards[:-1]), "every shard but the last is full"
-        assert all(0 < s.size <= shard_tokens for s in shards)
-        stream = np.concatenate(shards) if shards else np.zeros(0, np.uint16)
-        if texts:
-            assert stream[0] == bos, f"{split} split must start with a BOS (no shard sharing across splits)"
-        assert int((stream == bos).sum()) == len(texts), "one BOS per document"
-        assert sp.eos_id() not in set(stream.tolist()), "no EOS is appended"
-        pieces = split_docs(stream, bos) if texts else []
-        assert len(pieces) == len(texts)
-        for text, ids in zip(texts, pieces, strict=True):
-            assert ids[1:].tolist() == sp.encode(text), "shard ids are the document's encoding"
-            assert sp.decode(ids[1:].tolist()) == sp.normalize(text).replace("\u2581", " ")
-        expected_counts[split] = {
-            "documents": len(texts),
-            "tokens": int(stream.size),
-            "bytes": sum(len(t.encode("utf-8")) for t in texts),
-            "shards": len(files),
-        }
-    assert parse_counts(stdout) == expected_counts
+        shards = [read_shard(p) for p in files]
+        assert all(s.size == shard_tokens for s in shards[:-1]) and all(0 < s.size <= shard_tokens for s in shards)
+        stream = np.concatenate(shards)
+        starts = np.flatnonzero(stream == sp.bos_id())
+        assert starts[0] == 0 and len(starts) == len(texts) and sp.eos_id() not in stream  # one BOS each, no EOS
+        for text, ids in zip(texts, np.split(stream, starts[1:])):
+            assert ids[1:].tolist() == sp.encode(text)
+        counts[split] = (f"{split}: documents={len(texts)} tokens={stream.size} "
+                         f"bytes={sum(len(t.encode()) for t in texts)} shards={len(files)}")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in out.glob("fineweb_*.bin"))
+    assert stdout.splitlines()[:2] == [counts["val"], counts["train"]]
 
 
-def no_temp_leftovers(folder: Path) -> None:
-    if folder.is_dir():
-        left = [p.name for p in folder.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
-        assert not left, f"temporary files left behind: {left}"
+def no_leftovers(folder: Path) -> None:
+    left = [p for p in folder.rglob("*") if p.name.startswith(".") or p.name.endswith((".tmp", ".part"))]
+    assert not left, f"temporary files left behind: {left}"
+
+
+def shards_cli(corpus: Path, model: Path, out: Path, *extra: str) -> int:
+    return ms.main([str(corpus), "--tokenizer", str(model), "--out", str(out), "--no-progress", *extra])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # make_shards
 
 
-def test_write_shard_roundtrip_and_reader(tmp_path: Path, train_gpt: ModuleType) -> None:
+def test_write_shard_is_what_train_gpt_reads(tmp_path):
     ids = np.array([1, 0, 65535, 7, 1023], dtype=np.int64)
-    path = tmp_path / "fineweb_val_000000.bin"
-    ms.write_shard(path, ids)
-    assert path.stat().st_size == 1024 + 2 * ids.size
-    assert read_shard(path).tolist() == ids.tolist()
-    got = train_gpt.load_data_shard(str(path))
-    assert got.dtype == np.uint16 and got.tolist() == ids.tolist()
+    ms.write_shard(tmp_path / "fineweb_val_000000.bin", ids)
+    assert read_shard(tmp_path / "fineweb_val_000000.bin").tolist() == ids.tolist()
+    assert tg.load_data_shard(str(tmp_path / "fineweb_val_000000.bin")).tolist() == ids.tolist()
+    assert ms.shard_problem(tmp_path / "fineweb_val_000000.bin") is None
     with pytest.raises(ValueError):
         ms.write_shard(tmp_path / "bad.bin", np.array([65536]))
-    assert not (tmp_path / "bad.bin").exists() and not list(tmp_path.glob("*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fineweb_val_000000.bin"]
 
 
-def test_make_shards_tiny_tokenizer(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
+def test_jsonl_corpus_into_several_shards_per_split(tmp_path, tiny_model, capsys):
     docs = make_docs(60, seed=7)
     docs[5] = ""  # an empty document still gets its BOS
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", docs)
-    out = tmp_path / "shards"
-    rc = ms.main([str(corpus), "--tokenizer", str(tiny_model), "--out", str(out), "--val-docs", "9",
-                  "--shard-tokens", "300", "--no-progress"])
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    check_corpus_shards(out, tiny_model, docs, 9, 300, captured.out)
-    assert len(list(out.glob("fineweb_val_*.bin"))) >= 2 and len(list(out.glob("fineweb_train_*.bin"))) >= 2
-    no_temp_leftovers(tmp_path)
+    assert shards_cli(write_jsonl(tmp_path / "c.jsonl", docs), tiny_model, tmp_path / "out", "--val-docs", "9",
+                      "--shard-tokens", "300") == 0
+    out = capsys.readouterr().out
+    check_corpus_shards(tmp_path / "out", tiny_model, docs, 9, 300, out)
+    assert len(list((tmp_path / "out").glob("fineweb_val_*"))) >= 2 and len(list((tmp_path / "out").glob("*"))) >= 5
+    for path in (tmp_path / "out").glob("*.bin"):  # the script reads them; one token short, it refuses
+        assert np.array_equal(tg.load_data_shard(str(path)), read_shard(path))
+    victim = tmp_path / "out" / "fineweb_train_000000.bin"
+    victim.write_bytes(victim.read_bytes()[:-2])
+    with pytest.raises(tg.InputError, match="fineweb_train_000000.bin"):
+        tg.load_data_shard(str(victim))
+    no_leftovers(tmp_path)
 
 
-def test_make_shards_read_by_train_gpt(tmp_path: Path, tiny_model: Path, train_gpt: ModuleType,
-                                       capsys: pytest.CaptureFixture) -> None:
-    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(30, seed=3))
-    out = tmp_path / "shards"
-    assert ms.main([str(corpus), "--tokenizer", str(tiny_model), "--out", str(out), "--val-docs", "5",
-                    "--shard-tokens", "500", "--no-progress"]) == 0
-    capsys.readouterr()
-    for path in sorted(out.glob("*.bin")):
-        got = train_gpt.load_data_shard(str(path))
-        assert got.dtype == np.uint16
-        assert np.array_equal(got, read_shard(path))
-    victim = sorted(out.glob("fineweb_train_*.bin"))[0]
-    victim.write_bytes(victim.read_bytes()[:-2])  # one token short
-    with pytest.raises(shard_read_error(train_gpt)) as info:
-        train_gpt.load_data_shard(str(victim))
-    assert victim.name in str(info.value)
-
-
-def test_make_shards_plain_text(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
+def test_plain_text_corpus(tmp_path, tiny_model, capsys):
     docs = make_docs(12, seed=11)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n" + "\n\n\n".join(docs) + "\n", encoding="utf-8")  # blank lines separate documents
-    out = tmp_path / "out"
-    rc = ms.main([str(corpus), "--tokenizer", str(tiny_model), "--out", str(out), "--val-docs", "4",
-                  "--no-progress"])
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    check_corpus_shards(out, tiny_model, docs, 4, ms.DEFAULT_SHARD_TOKENS, captured.out)
+    assert shards_cli(corpus, tiny_model, tmp_path / "out", "--val-docs", "4") == 0
+    check_corpus_shards(tmp_path / "out", tiny_model, docs, 4, 100_000_000, capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("val_args, n_docs", [([], 5), (["--val-docs", "5"], 5), (["--val-docs", "3"], 1)],
+@needs_shared
+def test_real_tokenizer_on_real_documents(tmp_path, capsys):
+    docs = [json.loads(line)["text"] for line in DOCS.read_text(encoding="utf-8").splitlines()]
+    assert shards_cli(DOCS, TOKENIZER, tmp_path / "out", "--val-docs", "20", "--shard-tokens", "100000") == 0
+    check_corpus_shards(tmp_path / "out", TOKENIZER, docs, 20, 100_000, capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("val_args,n_docs,advice", [([], 5, "--val-docs 1"), (["--val-docs", "5"], 5, "--val-docs 1"),
+                                                    (["--val-docs", "3"], 1, "at least 2 documents")],
                          ids=["default-50000", "equal-to-corpus", "single-document"])
-def test_make_shards_all_validation_is_an_error(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture,
-                                                val_args: list[str], n_docs: int) -> None:
-    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(n_docs))
+def test_all_validation_is_an_error(tmp_path, tiny_model, capsys, val_args, n_docs, advice):
     out = tmp_path / "out"
-    rc = ms.main([str(corpus), "--tokenizer", str(tiny_model), "--out", str(out), *val_args, "--no-progress"])
-    captured = capsys.readouterr()
-    assert rc == 2 and captured.out == ""
-    line = one_error_line(captured.err)
-    val_docs = val_args[1] if val_args else "50000"
-    assert f"has {n_docs} document" in line and f"--val-docs is {val_docs}" in line and "no train shard" in line
-    if n_docs == 5:
-        assert line.endswith("pass --val-docs K with K < 5, e.g. --val-docs 1")
-    else:
-        assert "at least 2 documents" in line
-    assert not out.exists(), "nothing may be written"
-    no_temp_leftovers(tmp_path)
-
-
-def test_make_shards_all_validation_keeps_old_shards(tmp_path: Path, tiny_model: Path,
-                                                    capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "out"
-    big = write_jsonl(tmp_path / "big.jsonl", make_docs(40))
-    assert ms.main([str(big), "--tokenizer", str(tiny_model), "--out", str(out), "--val-docs", "4",
-                    "--no-progress"]) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    small = write_jsonl(tmp_path / "small.jsonl", make_docs(20))
-    capsys.readouterr()
-    assert ms.main([str(small), "--tokenizer", str(tiny_model), "--out", str(out), "--overwrite",
-                    "--no-progress"]) == 2
-    assert "e.g. --val-docs 2" in one_error_line(capsys.readouterr().err)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    no_temp_leftovers(tmp_path)
-
-
-@pytest.mark.parametrize("val_docs, shard_tokens, expected", [("0", "100000000", "wrote 1 shard to"),
-                                                               ("2", "100000000", "wrote 2 shards to")])
-def test_make_shards_counts_shards_in_words(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture,
-                                           val_docs: str, shard_tokens: str, expected: str) -> None:
-    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(8))
-    out = tmp_path / "out"
-    assert ms.main([str(corpus), "--tokenizer", str(tiny_model), "--out", str(out), "--val-docs", val_docs,
-                    "--shard-tokens", shard_tokens, "--no-progress"]) == 0
-    last = capsys.readouterr().out.splitlines()[-1]
-    assert last == f"{expected} {out}"
-    assert len(list(out.iterdir())) == int(expected.split()[1])
-
-
-@pytest.mark.skipif(not (REAL_MODEL.is_file() and REAL_DOCS.is_file()),
-                    reason=f"real tokenizer/docs not found under {SHARED} (set PG_SHARED_DATA)")
-def test_make_shards_real_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    docs = [json.loads(line)["text"] for line in REAL_DOCS.read_text(encoding="utf-8").splitlines() if line.strip()]
-    out = tmp_path / "fineweb10B_sp1024"
-    rc = ms.main([str(REAL_DOCS), "--tokenizer", str(REAL_MODEL), "--out", str(out), "--val-docs", "20",
-                  "--shard-tokens", "100000", "--no-progress"])
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    assert sp_load(REAL_MODEL).bos_id() == 1
-    check_corpus_shards(out, REAL_MODEL, docs, 20, 100_000, captured.out)
-    counts = parse_counts(captured.out)
-    assert counts["val"]["documents"] + counts["train"]["documents"] == len(docs) == 200
-
-
-@pytest.mark.skipif(not (REAL_MODEL.is_file() and REAL_DOCS.is_file()),
-                    reason=f"real tokenizer/docs not found under {SHARED} (set PG_SHARED_DATA)")
-def test_make_shards_real_corpus_with_default_val_docs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "fineweb10B_sp1024"
-    rc = ms.main([str(REAL_DOCS), "--tokenizer", str(REAL_MODEL), "--out", str(out), "--no-progress"])
-    assert rc == 2
+    assert shards_cli(write_jsonl(tmp_path / "c.jsonl", make_docs(n_docs)), tiny_model, out, *val_args) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert line == (f"make_shards.py: error: corpus {REAL_DOCS} has 200 documents and --val-docs is 50000, so all of "
-                    "them would be validation and no train shard would be written; pass --val-docs K with K < 200, "
-                    "e.g. --val-docs 20")
+    assert f"has {n_docs} document(s)" in line and "no train shard" in line and advice in line
     assert not out.exists()
-    no_temp_leftovers(tmp_path)
+    no_leftovers(tmp_path)
 
 
-def _bad_json(tmp: Path) -> Path:
-    p = tmp / "bad.jsonl"
-    p.write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"text": broken}\n', encoding="utf-8")
-    return p
+def test_overwrite_replaces_every_old_shard_and_a_failure_keeps_them(tmp_path, tiny_model, capsys):
+    out, corpus = tmp_path / "out", write_jsonl(tmp_path / "c.jsonl", make_docs(40))
+    assert shards_cli(corpus, tiny_model, out, "--val-docs", "4", "--shard-tokens", "100") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert shards_cli(corpus, tiny_model, out, "--val-docs", "4") == 2  # refused: it would mix with old shards
+    assert "--overwrite" in one_error_line(capsys.readouterr().err)
+    small = write_jsonl(tmp_path / "small.jsonl", make_docs(3))
+    assert shards_cli(small, tiny_model, out, "--overwrite") == 2  # all validation: nothing changes
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and len(before) > 2
+    capsys.readouterr()
+    assert shards_cli(corpus, tiny_model, out, "--val-docs", "4", "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    no_leftovers(tmp_path)
 
 
-def _empty(tmp: Path) -> Path:
-    p = tmp / "empty.jsonl"
-    p.write_text("\n  \n", encoding="utf-8")
-    return p
+def bad_json(tmp):
+    (tmp / "bad.jsonl").write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"text": broken}\n')
+    return tmp / "bad.jsonl"
 
 
-def _missing_key(tmp: Path) -> Path:
-    p = tmp / "nokey.jsonl"
-    p.write_text('{"text": "ok"}\n{"body": "no text"}\n', encoding="utf-8")
-    return p
+def text_file(name: str, data: bytes):
+    def make(tmp):
+        (tmp / name).write_bytes(data)
+        return tmp / name
+    return make
 
 
-def _not_utf8(tmp: Path) -> Path:
-    p = tmp / "latin1.txt"
-    p.write_bytes(b"first doc\n\ncaf\xe9\n")
-    return p
+@pytest.mark.parametrize("make_corpus,expected", [
+    (lambda tmp: tmp / "nope.jsonl", ["nope.jsonl", "no such corpus"]),
+    (bad_json, ["bad.jsonl:4:", "bad JSON"]),
+    (text_file("empty.jsonl", b"\n  \n"), ["no documents"]),
+    (text_file("nokey.jsonl", b'{"text": "ok"}\n{"body": "no text"}\n'), ["nokey.jsonl:2:", "'text'"]),
+    (text_file("latin1.txt", b"first doc\n\ncaf\xe9\n"), ["latin1.txt:3:", "UTF-8"]),
+], ids=["missing", "bad-json", "empty", "missing-key", "not-utf8"])
+def test_corpus_errors_are_one_line_and_write_nothing(tmp_path, tiny_model, capsys, make_corpus, expected):
+    assert shards_cli(make_corpus(tmp_path), tiny_model, tmp_path / "out", "--val-docs", "1") == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert all(piece in line for piece in expected), line
+    assert not (tmp_path / "out").exists()
+    no_leftovers(tmp_path)
 
 
-@pytest.mark.parametrize(
-    "make_corpus, expected",
-    [
-        (lambda tmp: tmp / "nope.jsonl", ["nope.jsonl", "does not exist"]),
-        (_bad_json, ["bad.jsonl:4:", "bad JSON"]),
-        (_empty, ["no documents"]),
-        (_missing_key, ["nokey.jsonl:2:", "'text'"]),
-        (_not_utf8, ["latin1.txt:3:", "UTF-8"]),
-    ],
-    ids=["missing", "bad-json", "empty", "missing-key", "not-utf8"],
-)
-def test_make_shards_corpus_errors(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture,
-                                   make_corpus: Any, expected: list[str]) -> None:
-    corpus = make_corpus(tmp_path)
-    out = tmp_path / "out"
-    rc = ms.main([str(corpus), "--tokenizer", str(tiny_model), "--out", str(out), "--val-docs", "1",
-                  "--no-progress"])
-    captured = capsys.readouterr()
-    assert rc == 1
-    line = one_error_line(captured.err)
-    for piece in expected:
-        assert piece in line, line
-    assert not out.exists(), "nothing may be written on failure"
-    no_temp_leftovers(tmp_path)
-
-
-def test_make_shards_token_id_too_large(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_token_id_beyond_uint16_writes_nothing(tmp_path, tiny_model, capsys, monkeypatch):
     class HugeVocab:
-        def vocab_size(self) -> int:
-            return 1024
-
         def bos_id(self) -> int:
             return 1
 
@@ -380,314 +214,298 @@ def test_make_shards_token_id_too_large(tmp_path: Path, tiny_model: Path, capsys
             return [[70000 if "boom" in t else 5] for t in texts]
 
     monkeypatch.setattr(ms, "load_tokenizer", lambda path: HugeVocab())
-    corpus = write_jsonl(tmp_path / "c.jsonl", ["a", "b", "boom", "c"])
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("unrelated")
-    rc = ms.main([str(corpus), "--tokenizer", str(tiny_model), "--out", str(out), "--val-docs", "1",
-                  "--shard-tokens", "1", "--no-progress"])
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["a", "b", "boom", "c"])
+    assert shards_cli(corpus, tiny_model, out, "--val-docs", "1", "--shard-tokens", "1") == 1
     line = one_error_line(capsys.readouterr().err)
-    assert rc == 1 and "70000" in line and "line 3" in line
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"], "no shard may appear on failure"
-    no_temp_leftovers(tmp_path)
-
-
-def test_make_shards_refuses_to_mix_with_old_shards(tmp_path: Path, tiny_model: Path,
-                                                    capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "out"
-    args = [str(write_jsonl(tmp_path / "c.jsonl", make_docs(10))), "--tokenizer", str(tiny_model), "--out", str(out),
-            "--val-docs", "2", "--shard-tokens", "100", "--no-progress"]
-    assert ms.main(args) == 0
-    before = sorted(p.name for p in out.iterdir())
-    capsys.readouterr()
-    assert ms.main(args) == 1
-    assert "--overwrite" in one_error_line(capsys.readouterr().err)
-    # --overwrite with a bigger shard size leaves no stale shards of the earlier run
-    assert ms.main([*args[:-2], "1000000", "--overwrite", "--no-progress"]) == 0
-    after = sorted(p.name for p in out.iterdir())
-    assert len(before) > 2 and after == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    assert "70000" in line and "line 3" in line and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    no_leftovers(tmp_path)
 
 
 @pytest.mark.parametrize("bad", [["--shard-tokens", "0"], ["--val-docs", "-1"], ["--shard-tokens", "many"]])
-def test_make_shards_bad_arguments(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture,
-                                   bad: list[str]) -> None:
-    rc = ms.main([str(tmp_path / "c.jsonl"), "--tokenizer", str(tiny_model), "--out", str(tmp_path / "o"), *bad])
-    assert rc == 2
-    assert bad[0] in one_error_line(capsys.readouterr().err)
+def test_bad_arguments(tmp_path, tiny_model, capsys, bad):
+    with pytest.raises(SystemExit) as exc:
+        shards_cli(tmp_path / "c.jsonl", tiny_model, tmp_path / "o", *bad)
+    assert exc.value.code == 2 and bad[0] in capsys.readouterr().err.splitlines()[-1]
 
 
-def test_make_shards_missing_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    corpus = write_jsonl(tmp_path / "c.jsonl", ["x"])
-    assert ms.main([str(corpus), "--tokenizer", str(tmp_path / "no.model"), "--out", str(tmp_path / "o")]) == 1
-    assert "no.model" in one_error_line(capsys.readouterr().err)
-    assert not (tmp_path / "o").exists()
-
-
-@pytest.mark.parametrize("script", ["make_shards.py", "cached_challenge_fineweb.py"])
-def test_cli_help(script: str) -> None:
-    res = subprocess.run([sys.executable, str(REPO / "data" / script), "--help"], capture_output=True, text=True,
-                         timeout=60)
-    assert res.returncode == 0 and "usage:" in res.stdout, res.stderr
+def test_missing_tokenizer(tmp_path, capsys):
+    assert shards_cli(write_jsonl(tmp_path / "c.jsonl", ["x", "y"]), tmp_path / "no.model", tmp_path / "o") == 2
+    assert "no.model" in one_error_line(capsys.readouterr().err) and not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # cached_challenge_fineweb with a fake hub
 
 
-class FakeHub:
-    """Serves files from a local copy of the dataset repo in place of huggingface_hub.hf_hub_download."""
+def publish(root: Path, variants: dict[str, int], tokenizer: Path, seed: int = 0) -> Path:
+    """A dataset repository's files: for each variant 1 val and N train shards, a tokenizer, the manifest."""
+    rng, datasets, tokenizers = np.random.default_rng(seed), [], []
+    for variant, n_train in variants.items():
+        shards = root / "datasets" / "datasets" / f"fineweb10B_{variant}"
+        shards.mkdir(parents=True)
+        ms.write_shard(shards / "fineweb_val_000000.bin", rng.integers(0, 1024, 333))
+        for i in range(n_train):
+            ms.write_shard(shards / f"fineweb_train_{i:06d}.bin", rng.integers(0, 1024, 1000 + i))
+        name = f"fineweb_{variant[2:]}_bpe"
+        (root / "datasets" / "tokenizers").mkdir(exist_ok=True)
+        shutil.copyfile(tokenizer, root / "datasets" / "tokenizers" / f"{name}.model")
+        (root / "datasets" / "tokenizers" / f"{name}.vocab").write_text("<pad>\t0\n<s>\t0\n")
+        datasets.append({"name": f"fineweb10B_{variant}", "tokenizer_name": name,
+                         "stats": {"files_train": n_train, "files_val": 1}})
+        tokenizers.append({"name": name, "model_path": f"tokenizers/{name}.model",
+                           "vocab_path": f"tokenizers/{name}.vocab"})
+    (root / "datasets" / "manifest.json").write_text(json.dumps({"datasets": datasets, "tokenizers": tokenizers}))
+    return root
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.calls: list[str] = []
+
+class FakeHub:
+    """snapshot_download over local copies of dataset repositories: the requested files of one call are copied into
+    a fresh 'snapshot' folder (no cache)."""
+
+    def __init__(self, repos: dict[str, Path], scratch: Path) -> None:
+        self.repos, self.scratch = repos, scratch
+        self.calls: list[tuple[str, list[str], bool]] = []
         self.fail: BaseException | None = None
 
-    def __call__(self, repo_id: str, filename: str, *, subfolder: str | None = None, repo_type: str | None = None,
-                 revision: str | None = None, local_dir: str | Path | None = None, **_: Any) -> str:
-        assert repo_id == ccf.DEFAULT_REPO_ID and repo_type == "dataset" and local_dir is not None
-        rel = f"{subfolder}/{filename}" if subfolder else filename
-        self.calls.append(rel)
+    def __call__(self, repo_id: str, *, repo_type=None, allow_patterns=(), force_download=False, **_: Any) -> str:
+        assert repo_type == "dataset"
+        self.calls.append((repo_id, list(allow_patterns), force_download))
         if self.fail is not None:
             raise self.fail
-        src = self.root / rel
-        if not src.is_file():
-            from huggingface_hub.errors import EntryNotFoundError
+        snapshot = self.scratch / f"snapshot{len(self.calls)}"
+        for rel in allow_patterns:
+            if (self.repos[repo_id] / rel).is_file():
+                (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.repos[repo_id] / rel, snapshot / rel)
+        return str(snapshot)
 
-            raise EntryNotFoundError(f"404 {rel}")
-        dest = Path(local_dir) / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dest)
-        return str(dest)
-
-
-N_TRAIN_PUBLISHED = 5
+    def fetched(self) -> list[str]:
+        return [rel for _, rels, _ in self.calls for rel in rels]
 
 
 @pytest.fixture
-def hub(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> FakeHub:
-    root = tmp_path / "hub"
-    shard_dir = root / "datasets" / "datasets" / "fineweb10B_sp1024"
-    shard_dir.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    ms.write_shard(shard_dir / "fineweb_val_000000.bin", rng.integers(0, 1024, 333))
-    for i in range(N_TRAIN_PUBLISHED):
-        ms.write_shard(shard_dir / f"fineweb_train_{i:06d}.bin", rng.integers(0, 1024, 1000 + i))
-    tok_dir = root / "datasets" / "tokenizers"
-    tok_dir.mkdir()
-    shutil.copyfile(tiny_model, tok_dir / "fineweb_1024_bpe.model")
-    (tok_dir / "fineweb_1024_bpe.vocab").write_text("<pad>\t0\n<s>\t0\n", encoding="utf-8")
-    manifest = {
-        "version": "test",
-        "datasets": [
-            {"name": "fineweb10B_sp1024", "tokenizer_name": "fineweb_1024_bpe",
-             "stats": {"files_train": N_TRAIN_PUBLISHED, "files_val": 1, "tokens_val": 333}},
-            {"name": "fineweb10B_sp4096", "tokenizer_name": "fineweb_4096_bpe",
-             "stats": {"files_train": 3, "files_val": 1}},
-        ],
-        "tokenizers": [
-            {"name": "fineweb_1024_bpe", "model_path": "tokenizers/fineweb_1024_bpe.model",
-             "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"},
-            {"name": "fineweb_4096_bpe", "model_path": "tokenizers/fineweb_4096_bpe.model"},
-        ],
-    }
-    (root / "datasets" / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
-    fake = FakeHub(root)
-    monkeypatch.setattr(ccf, "hf_hub_download", fake)
+def hub(tmp_path, tiny_model, monkeypatch) -> FakeHub:
+    repos = {ccf.DEFAULT_REPO: publish(tmp_path / "hub_a", {"sp1024": 5}, tiny_model),
+             "kevclark/parameter-golf": publish(tmp_path / "hub_b", {"sp1024": 2, "sp8192": 3}, tiny_model, seed=1)}
+    fake = FakeHub(repos, tmp_path / "snapshots")
+    monkeypatch.setattr(ccf, "snapshot_download", fake)
+    monkeypatch.delenv("MATCHED_FINEWEB_REPO_ID", raising=False)
     return fake
 
 
 def download(out: Path, *extra: str) -> int:
-    return ccf.main(["--variant", "sp1024", "--out", str(out), "--no-progress", *extra])
+    return ccf.main(["--out", str(out), "--no-progress", *extra])
 
 
-def expected_files(n_train: int) -> list[str]:
-    d = "datasets/fineweb10B_sp1024"
-    return sorted([
-        "manifest.json", f"{d}/fineweb_val_000000.bin",
-        *(f"{d}/fineweb_train_{i:06d}.bin" for i in range(n_train)),
-        "tokenizers/fineweb_1024_bpe.model", "tokenizers/fineweb_1024_bpe.vocab",
-    ])
+def expected_files(n_train: int, variant: str = "sp1024") -> list[str]:
+    d = f"datasets/fineweb10B_{variant}"
+    name = f"fineweb_{variant[2:]}_bpe"
+    return sorted(["manifest.json", f"{d}/fineweb_val_000000.bin", f"tokenizers/{name}.model",
+                   f"tokenizers/{name}.vocab", *(f"{d}/fineweb_train_{i:06d}.bin" for i in range(n_train))])
 
 
 def local_files(out: Path) -> list[str]:
     return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
 
 
-def assert_same_as_hub(out: Path, hub: FakeHub) -> None:
-    for rel in local_files(out):
-        assert (out / rel).read_bytes() == (hub.root / "datasets" / rel).read_bytes(), rel
+def same_as(out: Path, repo: Path) -> bool:
+    return all((out / rel).read_bytes() == (repo / "datasets" / rel).read_bytes()
+               for rel in local_files(out) if rel != "manifest.json")
 
 
-def test_download_fresh_then_skip(tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture,
-                                  train_gpt: ModuleType) -> None:
+def test_download_then_skip_then_more(tmp_path, hub, capsys):
     out = tmp_path / "data"
     assert download(out, "--train-shards", "3") == 0, capsys.readouterr().err
-    assert local_files(out) == expected_files(3)
-    assert_same_as_hub(out, hub)
-    assert len(hub.calls) == 7 and hub.calls[0] == "datasets/manifest.json"
-    assert "datasets/datasets/fineweb10B_sp1024/fineweb_train_000003.bin" not in hub.calls
-    no_temp_leftovers(out)
+    assert local_files(out) == expected_files(3) and same_as(out, hub.repos[ccf.DEFAULT_REPO])
+    assert hub.fetched()[0] == "datasets/manifest.json" and len(hub.calls) == 2  # the manifest, then one batch
+    assert "datasets/datasets/fineweb10B_sp1024/fineweb_train_000003.bin" not in hub.fetched()
     for shard in (out / "datasets" / "fineweb10B_sp1024").glob("*.bin"):
-        assert train_gpt.load_data_shard(str(shard)).size in (333, 1000, 1001, 1002)
-
+        assert tg.load_data_shard(str(shard)).size in (333, 1000, 1001, 1002)
+    no_leftovers(out)
     hub.calls.clear()
-    assert download(out, "--train-shards", "3") == 0
-    assert hub.calls == [], "complete files are not fetched again"
-    assert "0 to download" in capsys.readouterr().out
-
-    assert download(out, "--train-shards", "5") == 0  # asking for more fetches only the new ones
-    assert hub.calls == [f"datasets/datasets/fineweb10B_sp1024/fineweb_train_{i:06d}.bin" for i in (3, 4)]
+    assert download(out, "--train-shards", "3") == 0 and hub.calls == []  # complete: the hub is not asked
+    assert download(out, "--train-shards", "5") == 0  # more: only the new ones
+    assert hub.fetched() == [f"datasets/datasets/fineweb10B_sp1024/fineweb_train_{i:06d}.bin" for i in (3, 4)]
     assert local_files(out) == expected_files(5)
 
 
-def test_download_replaces_damaged_files(tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture) -> None:
+def test_download_replaces_damaged_files(tmp_path, hub):
     out = tmp_path / "data"
     assert download(out, "--train-shards", "3") == 0
-    shard_dir = out / "datasets" / "fineweb10B_sp1024"
-    train1 = shard_dir / "fineweb_train_000001.bin"
-    train1.write_bytes(train1.read_bytes()[:1500])  # an interrupted copy
-    val = shard_dir / "fineweb_val_000000.bin"
-    raw = bytearray(val.read_bytes())
+    shards = out / "datasets" / "fineweb10B_sp1024"
+    (shards / "fineweb_train_000001.bin").write_bytes((shards / "fineweb_train_000001.bin").read_bytes()[:1500])
+    raw = bytearray((shards / "fineweb_val_000000.bin").read_bytes())
     raw[0:4] = (123).to_bytes(4, "little")  # bad magic
-    val.write_bytes(bytes(raw))
+    (shards / "fineweb_val_000000.bin").write_bytes(bytes(raw))
     (out / "tokenizers" / "fineweb_1024_bpe.model").write_bytes(b"")
     hub.calls.clear()
-    assert download(out, "--train-shards", "3") == 0, capsys.readouterr().err
-    assert sorted(hub.calls) == sorted([
-        "datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
-        "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin",
-        "datasets/tokenizers/fineweb_1024_bpe.model",
-    ])
-    assert local_files(out) == expected_files(3)
-    assert_same_as_hub(out, hub)
-    no_temp_leftovers(out)
+    assert download(out, "--train-shards", "3") == 0
+    assert sorted(hub.fetched()) == ["datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin",
+                                     "datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
+                                     "datasets/tokenizers/fineweb_1024_bpe.model"]
+    assert local_files(out) == expected_files(3) and same_as(out, hub.repos[ccf.DEFAULT_REPO])
 
 
 @pytest.mark.parametrize("damage", ["magic", "truncated"])
-def test_download_rejects_bad_shard_from_hub(tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture,
-                                             damage: str) -> None:
-    bad = hub.root / "datasets" / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000001.bin"
+def test_a_bad_shard_from_the_hub_is_fetched_again_then_refused(tmp_path, hub, capsys, damage):
+    bad = hub.repos[ccf.DEFAULT_REPO] / "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
     raw = bytearray(bad.read_bytes())
     if damage == "magic":
         raw[0:4] = (20240519).to_bytes(4, "little")
-    else:
-        raw = raw[:-10]
-    bad.write_bytes(bytes(raw))
+    bad.write_bytes(bytes(raw if damage == "magic" else raw[:-10]))
     out = tmp_path / "data"
     assert download(out, "--train-shards", "3") == 1
     line = one_error_line(capsys.readouterr().err)
-    assert "fineweb_train_000001.bin" in line and ("magic" in line if damage == "magic" else "bytes" in line)
-    assert not (out / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000001.bin").exists()
-    assert not (out / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000002.bin").exists()
-    no_temp_leftovers(out)
-    no_temp_leftovers(out / "datasets" / "fineweb10B_sp1024")
+    assert "fineweb_train_000001.bin" in line and ("magic" if damage == "magic" else "bytes") in line
+    assert hub.calls[-1] == (ccf.DEFAULT_REPO, [bad.relative_to(bad.parents[3]).as_posix()], True)
+    assert not list((out / "datasets").glob("*/*.bin")), "no shard is placed when one of the batch is bad"
+    no_leftovers(out)
 
 
-def _offline_error() -> BaseException:
+def test_unreachable_hub_is_one_line(tmp_path, hub, capsys):
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    return LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub ...")
+    for error, expected in ((LocalEntryNotFoundError("offline"), "cannot reach the Hugging Face hub"),
+                            (ConnectionError("[Errno -2] Name or service not known"), "Name or service not known")):
+        hub.fail = error
+        assert download(tmp_path / "data") == 1
+        assert expected in one_error_line(capsys.readouterr().err)
+        assert local_files(tmp_path / "data") == []
 
 
-@pytest.mark.parametrize(
-    "error, expected",
-    [(_offline_error, "cannot reach the Hugging Face hub"),
-     (lambda: ConnectionError("[Errno -2] Name or service not known"), "Name or service not known")],
-    ids=["hub-offline", "connection-error"],
-)
-def test_download_unreachable_hub(tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture,
-                                  error: Any, expected: str) -> None:
-    hub.fail = error()
+def test_offline_with_a_complete_copy(tmp_path, hub):
+    assert download(tmp_path / "data", "--train-shards", "2") == 0
+    hub.fail, hub.calls = ConnectionError("offline"), []
+    assert download(tmp_path / "data", "--train-shards", "2") == 0 and hub.calls == []
+
+
+def test_the_repository_is_an_option_and_an_env_var_and_its_manifest_its_own(tmp_path, hub, capsys, monkeypatch):
+    """The records' SP8192 recipe (MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf) without removing the manifest
+    that an earlier download from the default repository left."""
     out = tmp_path / "data"
-    assert download(out) == 1
-    line = one_error_line(capsys.readouterr().err)
-    assert expected in line and "manifest.json" in line
-    assert not out.exists(), "a failed first run leaves nothing behind"
-
-
-def test_download_offline_with_complete_local_copy(tmp_path: Path, hub: FakeHub) -> None:
-    out = tmp_path / "data"
-    assert download(out, "--train-shards", "2") == 0
-    hub.fail = _offline_error()
+    assert download(out, "--train-shards", "1") == 0  # default repository, sp1024
+    monkeypatch.setenv("MATCHED_FINEWEB_REPO_ID", "kevclark/parameter-golf")
     hub.calls.clear()
-    assert download(out, "--train-shards", "2") == 0, "nothing to fetch: no need for the network"
-    assert hub.calls == []
+    assert download(out, "--variant", "sp8192", "--train-shards", "3") == 0
+    assert hub.calls[0] == ("kevclark/parameter-golf", ["datasets/manifest.json"], False)
+    assert set(expected_files(3, "sp8192")) <= set(local_files(out))
+    assert json.loads((out / "manifest.json").read_text())[ccf.SOURCE_KEY] == "kevclark/parameter-golf"
+    hub.calls.clear()  # the same variant in another repository: its own manifest and counts, not the saved one's
+    assert download(out, "--repo-id", ccf.DEFAULT_REPO, "--train-shards", "4") == 0
+    assert hub.calls[0] == (ccf.DEFAULT_REPO, ["datasets/manifest.json"], False)
+    capsys.readouterr()
+    assert download(out, "--repo-id", ccf.DEFAULT_REPO, "--variant", "sp8192") == 1
+    assert one_error_line(capsys.readouterr().err) == \
+        f"error: {ccf.DEFAULT_REPO} has no variant 'sp8192'; it offers: sp1024"
+    assert download(out, "--variant", "sp999") == 1  # the env var's repository
+    assert "kevclark/parameter-golf has no variant 'sp999'; it offers: sp1024, sp8192" in capsys.readouterr().err
 
 
-def test_download_unknown_variant(tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "data"
-    assert ccf.main(["--variant", "sp999", "--out", str(out), "--no-progress"]) == 1
-    line = one_error_line(capsys.readouterr().err)
-    assert "unknown variant 'sp999'" in line and "sp1024" in line and "sp4096" in line
-    assert not (out / "datasets").exists()
-    hub.calls.clear()
-    assert ccf.main(["--variant", "../etc", "--out", str(out), "--no-progress"]) == 1
-    assert "unknown variant" in one_error_line(capsys.readouterr().err)
-    assert hub.calls == []
+@pytest.mark.parametrize("value,code,expected", [("-1", 2, "--train-shards"), ("lots", 2, "--train-shards"),
+                                                 ("6", 1, "has 5 train shards")])
+def test_bad_train_shards(tmp_path, hub, capsys, value, code, expected):
+    if code == 2:
+        with pytest.raises(SystemExit) as exc:
+            download(tmp_path / "data", "--train-shards", value)
+        assert exc.value.code == 2 and expected in capsys.readouterr().err.splitlines()[-1]
+    else:
+        assert download(tmp_path / "data", "--train-shards", value) == 1
+        assert expected in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "data" / "datasets").exists()
 
 
-@pytest.mark.parametrize("value, rc, expected", [("-1", 2, "--train-shards"), ("lots", 2, "--train-shards"),
-                                                 ("6", 1, "5 training shards")])
-def test_download_bad_train_shards(tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture,
-                                   value: str, rc: int, expected: str) -> None:
-    out = tmp_path / "data"
-    assert download(out, "--train-shards", value) == rc
-    assert expected in one_error_line(capsys.readouterr().err)
-    assert not (out / "datasets").exists()
-
-
-def test_download_manifest_layout_errors(tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture) -> None:
-    path = hub.root / "datasets" / "manifest.json"
+@pytest.mark.parametrize("edit,expected", [
+    (lambda m: m["datasets"][0].pop("stats"), "lacks 'stats'"),
+    (lambda m: m["tokenizers"][0].update(model_path="../../etc/passwd"), "no tokenizer file inside the export"),
+    (lambda m: m["tokenizers"].clear(), "no tokenizer file"),
+], ids=["no-stats", "path-outside", "no-tokenizer"])
+def test_manifest_layout_errors(tmp_path, hub, capsys, edit, expected):
+    path = hub.repos[ccf.DEFAULT_REPO] / "datasets" / "manifest.json"
     manifest = json.loads(path.read_text())
-    del manifest["tokenizers"]
+    edit(manifest)
     path.write_text(json.dumps(manifest))
-    assert download(tmp_path / "data") == 1
-    assert "'tokenizers' list" in one_error_line(capsys.readouterr().err)
+    assert download(tmp_path / "data", "--train-shards", "1") == 1
+    assert expected in one_error_line(capsys.readouterr().err)
 
-    with pytest.raises(ccf.DownloadError, match="stats.files_train"):
-        ccf.parse_manifest({"datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "t",
-                                          "stats": {"files_val": 1}}], "tokenizers": []}, "sp1024")
-    with pytest.raises(ccf.DownloadError, match="relative path"):
-        ccf.parse_manifest({"datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "t",
-                                          "stats": {"files_val": 1, "files_train": 1}}],
-                            "tokenizers": [{"name": "t", "model_path": "../../etc/passwd"}]}, "sp1024")
+
+def test_out_that_is_a_file_or_under_one_is_refused_before_the_hub(tmp_path, hub, capsys):
+    (tmp_path / "data").write_text("not a folder")
+    with pytest.raises(SystemExit) as exc:
+        download(tmp_path / "data")
+    assert exc.value.code == 2 and "exists and is not a folder" in capsys.readouterr().err
+    assert download(tmp_path / "data" / "sub") == 2
+    assert one_error_line(capsys.readouterr().err).startswith(f"error: --out {tmp_path / 'data' / 'sub'}: Not a dir")
+    assert hub.calls == [] and (tmp_path / "data").read_text() == "not a folder"
+
+
+def _without_permission_override() -> None:
+    """preexec_fn: drop CAP_DAC_OVERRIDE from the bounding set, so even root obeys the permission bits after exec."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(24, 1, 0, 0, 0) != 0:  # PR_CAPBSET_DROP, CAP_DAC_OVERRIDE
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_DAC_OVERRIDE) failed")
+
+
+def test_out_not_writable_is_named_before_the_hub(tmp_path):
+    """In a process without write permission on --out (as root: without the capability to ignore it); the hub
+    endpoint is a closed port, so reaching it would be a different error."""
+    out = tmp_path / "data"
+    out.mkdir()
+    out.chmod(0o555)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
+    extra: dict[str, Any] = {"preexec_fn": _without_permission_override} if os.geteuid() == 0 else {}
+    try:
+        res = subprocess.run([sys.executable, str(DOWNLOADER), "--out", str(out), "--no-progress"], env=env,
+                             capture_output=True, text=True, timeout=120, **extra)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot start a process without CAP_DAC_OVERRIDE here ({exc})")
+    finally:
+        out.chmod(0o755)
+    assert res.returncode == 2 and list(out.iterdir()) == []
+    assert one_error_line(res.stderr).startswith(f"error: --out {out}: Permission denied")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the real huggingface_hub client against a loopback server that speaks enough of the hub's protocol
+# the real huggingface_hub client against a loopback server
 
 
-def _serve_repo(root: Path) -> tuple[Any, str]:
-    import hashlib
-    import http.server
-    import threading
-    from urllib.parse import unquote
-
-    prefix = f"/datasets/{ccf.DEFAULT_REPO_ID}/resolve/main/"
+def serve(repo_id: str, root: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """Enough of the hub's protocol for snapshot_download: revision info, the file tree, and file downloads."""
+    commit = "c" * 40
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def _reply(self, with_body: bool) -> None:
-            path = unquote(self.path.split("?", 1)[0])
-            target = root / path[len(prefix):] if path.startswith(prefix) else None
-            self.send_response(200 if target is not None and target.is_file() else 404)
-            self.send_header("X-Repo-Commit", "0" * 40)
-            if target is None or not target.is_file():
-                self.send_header("X-Error-Code", "EntryNotFound")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            data = target.read_bytes()
-            self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
-            self.send_header("Content-Length", str(len(data)))
+        def reply(self, with_body: bool) -> None:
+            path = unquote(urlparse(self.path).path)
+            files = {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()}
+            data, headers, code = b"", {"X-Repo-Commit": commit}, 200
+            resolve = f"/datasets/{repo_id}/resolve/{commit}/"
+            if path == f"/api/datasets/{repo_id}/revision/main":
+                data = json.dumps({"id": repo_id, "sha": commit}).encode()
+            elif path.startswith(f"/api/datasets/{repo_id}/tree/{commit}"):
+                tree = [{"type": "file", "path": f, "size": p.stat().st_size,
+                         "oid": hashlib.sha1(p.read_bytes()).hexdigest()} for f, p in files.items()]
+                data = json.dumps(tree).encode()
+            elif path.startswith(resolve) and path[len(resolve):] in files:
+                data = files[path[len(resolve):]].read_bytes()
+                headers["ETag"] = f'"{hashlib.sha1(data).hexdigest()}"'
+            else:
+                code, headers["X-Error-Code"] = 404, ("EntryNotFound" if repo_id in path else "RepoNotFound")
+            self.send_response(code)
+            for key, value in {**headers, "Content-Length": str(len(data))}.items():
+                self.send_header(key, value)
             self.end_headers()
             if with_body:
                 self.wfile.write(data)
 
         def do_HEAD(self) -> None:  # noqa: N802
-            self._reply(False)
+            self.reply(False)
 
         def do_GET(self) -> None:  # noqa: N802
-            self._reply(True)
+            self.reply(True)
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -697,126 +515,36 @@ def _serve_repo(root: Path) -> tuple[Any, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def test_download_through_real_client(tmp_path: Path, hub: FakeHub) -> None:
-    server, endpoint = _serve_repo(hub.root)
+def test_download_through_the_real_client(tmp_path, tiny_model):
+    repo = publish(tmp_path / "hub", {"sp1024": 4}, tiny_model)
+    manifest = json.loads((repo / "datasets" / "manifest.json").read_text())
+    manifest["datasets"][0]["stats"]["files_train"] = 5  # one more than the repository holds
+    (repo / "datasets" / "manifest.json").write_text(json.dumps(manifest))
+    server, endpoint = serve("me/golf", repo)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and "proxy" not in k.lower()}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"), NO_PROXY="127.0.0.1", HF_HUB_DISABLE_TELEMETRY="1")
+    out = tmp_path / "data"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(DOWNLOADER), "--out", str(out), "--no-progress", *args],
+                              capture_output=True, text=True, timeout=120, env=env)
+
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and "proxy" not in k.lower()}
-        env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), NO_PROXY="127.0.0.1,localhost",
-                   HF_HUB_DISABLE_TELEMETRY="1")
-        out = tmp_path / "data"
-        cmd = [sys.executable, str(REPO / "data" / "cached_challenge_fineweb.py"), "--train-shards", "2",
-               "--out", str(out), "--no-progress"]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+        res = run("--repo-id", "me/golf", "--train-shards", "3")
         assert res.returncode == 0, res.stderr
-        assert local_files(out) == expected_files(2)
-        assert_same_as_hub(out, hub)
-        no_temp_leftovers(out)
-        missing = hub.root / "datasets" / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000002.bin"
-        missing.unlink()
-        res = subprocess.run([*cmd[:3], "3", *cmd[4:]], capture_output=True, text=True, timeout=120, env=env)
-        assert res.returncode == 1
-        line = one_error_line(res.stderr)
-        assert "fineweb_train_000002.bin" in line and "not in" in line
+        assert local_files(out) == expected_files(3) and same_as(out, repo)
+        shard = out / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000001.bin"
+        with open(shard, "r+b") as f:  # damaged in place: the hub cache's copy too, since the file is a hard link
+            f.truncate(1500)
+        res = run("--repo-id", "me/golf", "--train-shards", "3")
+        assert res.returncode == 0, res.stderr
+        assert same_as(out, repo) and ms.shard_problem(shard) is None
+        res = run("--repo-id", "me/golf", "--train-shards", "5")
+        assert res.returncode == 1 and "me/golf has no datasets/datasets/fineweb10B_sp1024/fineweb_train_000004.bin" \
+            in one_error_line(res.stderr)
+        res = run("--repo-id", "nobody/nothing")
+        assert res.returncode == 1 and "dataset repository nobody/nothing not found" in one_error_line(res.stderr)
+        no_leftovers(out)
     finally:
         server.shutdown()
         server.server_close()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# cached_challenge_fineweb: the endpoint is announced before the first request; local folder problems are named
-
-
-@pytest.mark.parametrize("endpoint", [None, "http://hub-mirror.internal:8080"], ids=["default", "HF_ENDPOINT"])
-def test_download_announces_the_endpoint_before_connecting(tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture,
-                                                           monkeypatch: pytest.MonkeyPatch, endpoint: str | None) -> None:
-    if endpoint is None:
-        monkeypatch.delenv("HF_ENDPOINT", raising=False)
-        from huggingface_hub import constants
-
-        expected = constants.ENDPOINT
-    else:
-        monkeypatch.setenv("HF_ENDPOINT", endpoint)
-        expected = endpoint
-    printed_before_first_request: list[str] = []
-    real_call = hub.__call__
-
-    def watching(*args: Any, **kwargs: Any) -> str:
-        if not printed_before_first_request:
-            printed_before_first_request.append(capsys.readouterr().out)
-        return real_call(*args, **kwargs)
-
-    monkeypatch.setattr(ccf, "hf_hub_download", watching)
-    assert download(tmp_path / "data", "--train-shards", "1") == 0
-    (before,) = printed_before_first_request
-    assert before == f"connecting to {expected} for dataset {ccf.DEFAULT_REPO_ID}@main " \
-                     "(if the hub is unreachable this waits for the connection to time out)\n"
-    assert "connecting to" not in capsys.readouterr().out, "announced once per run"
-
-
-def test_download_nothing_to_fetch_does_not_announce(tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture) -> None:
-    assert download(tmp_path / "data", "--train-shards", "1") == 0
-    capsys.readouterr()
-    assert download(tmp_path / "data", "--train-shards", "1") == 0
-    assert "connecting to" not in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("layout, expected", [
-    ("file", "--out {out} exists and is not a folder"),
-    ("under-file", "--out {out} cannot be created: {blocker} is not a folder"),
-], ids=["out-is-a-file", "out-under-a-file"])
-def test_download_out_not_a_folder(tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture,
-                                   layout: str, expected: str) -> None:
-    blocker = tmp_path / "data"
-    blocker.write_text("not a folder")
-    out = blocker if layout == "file" else blocker / "sub"
-    assert download(out) == 2
-    captured = capsys.readouterr()
-    assert one_error_line(captured.err) == f"{ccf.PROG}: error: " + expected.format(out=out, blocker=blocker)
-    assert hub.calls == [] and "connecting" not in captured.out
-    assert blocker.read_text() == "not a folder"
-
-
-def test_download_out_not_writable_is_named_before_the_hub(tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    out = tmp_path / "data"
-    assert download(out, "--train-shards", "1") == 0
-    capsys.readouterr()
-    real_access = os.access
-    monkeypatch.setattr(ccf.os, "access", lambda p, mode: False if Path(p) == out else real_access(p, mode))
-    hub.calls.clear()
-    assert download(out, "--train-shards", "1") == 0, "a complete read-only copy needs no writing"
-    assert download(out, "--train-shards", "2") == 2
-    captured = capsys.readouterr()
-    assert one_error_line(captured.err) == f"{ccf.PROG}: error: --out {out} is not writable (no write permission)"
-    assert hub.calls == [] and "connecting" not in captured.out
-    assert local_files(out) == expected_files(1)
-
-
-def _without_permission_override() -> None:
-    """preexec_fn: drop CAP_DAC_OVERRIDE from the bounding set, so even root obeys the permission bits after exec."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(24, 1, 0, 0, 0) != 0:  # PR_CAPBSET_DROP, CAP_DAC_OVERRIDE
-        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_DAC_OVERRIDE) failed")
-
-
-def test_download_out_not_writable_real_permissions(tmp_path: Path) -> None:
-    """The real check in a separate process that has no write permission on --out (as root: without the
-    capability that lets root ignore permission bits)."""
-    out = tmp_path / "data"
-    out.mkdir()
-    out.chmod(0o555)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_ENDPOINT="http://127.0.0.1:9")
-    cmd = [sys.executable, str(REPO / "data" / "cached_challenge_fineweb.py"), "--out", str(out), "--no-progress"]
-    extra: dict[str, Any] = {"preexec_fn": _without_permission_override} if os.geteuid() == 0 else {}
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, **extra)
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"cannot start a process without CAP_DAC_OVERRIDE here ({exc})")
-    finally:
-        out.chmod(0o755)
-    assert res.returncode == 2, (res.stdout, res.stderr)
-    assert one_error_line(res.stderr) == f"{ccf.PROG}: error: --out {out} is not writable (no write permission)"
-    assert "connecting" not in res.stdout and list(out.iterdir()) == []

@@ -1,38 +1,52 @@
-"""bench/gpu_check.sh, the one command for a lent GPU, exercised end to end on the CPU (GPU_CHECK_SMOKE=1)."""
+"""bench/gpu_check.sh, the one command for a lent GPU, end to end on the CPU (GPU_CHECK_SMOKE=1), with a stand-in
+nvidia-smi that lists two GPUs so that the several-GPU section (torchrun on 2 processes) runs too."""
 import os
-import re
 import shutil
 import subprocess
 import sys
 
+import train_gpt as tg
 from conftest import REPO, TOKENIZER
 
 
-def test_smoke_mode_runs_both_backends_and_prints_one_table(tmp_path, tiny_data):
+def fake_nvidia_smi(folder, gpus: int):
+    folder.mkdir()
+    listing = "".join(f'echo "GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i})"\n' for i in range(gpus))
+    (folder / "nvidia-smi").write_text(f"#!/bin/sh\n{listing}")
+    (folder / "nvidia-smi").chmod(0o755)
+    return folder
+
+
+def environment(tmp_path, gpus: int, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    path = f"{fake_nvidia_smi(tmp_path / 'bin', gpus)}:{os.path.dirname(sys.executable)}:{env['PATH']}"
+    env.update(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PATH=path, **extra)
+    return env
+
+
+def test_smoke_mode_runs_one_and_all_gpus_and_prints_one_table(tmp_path, tiny_data):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     shutil.copy(TOKENIZER, data / "fineweb_1024_bpe.model")
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    env.update(GPU_CHECK_SMOKE="1", GPU_CHECK_DATA=str(data), OUT=str(out), PYTHON=sys.executable,
-               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PATH=f"{os.path.dirname(sys.executable)}:{env['PATH']}")
+    env = environment(tmp_path, 2, GPU_CHECK_SMOKE="1", GPU_CHECK_DATA=str(data), OUT=str(out))
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert re.search(r"python: 3\.\d+\.\d+  torch: \S+  cuda: None\ndevice: cpu\nflash_attn_interface: not importable",
-                     proc.stdout)
+    assert proc.stdout.startswith("gpus: 2 (nvidia-smi -L)\n") and "flash_attn_interface: not importable" in proc.stdout
     table = (out / "table.txt").read_text().splitlines()
-    assert table[0].split() == ["ATTENTION=auto", "ATTENTION=sdpa"]
+    assert table[0].split() == ["torch", tg.torch.__version__, "auto_x1", "auto_x2"]  # the torch that was measured
     rows = {line[:26].strip(): line[26:].split() for line in table[1:]}
-    assert rows["attention"] == ["sdpa", "sdpa"]  # no FA3 on this machine: auto falls back
-    for key in ("ms/step", "tokens/s", "compile+warmup s", "sliding windows/s/GPU", "full sliding, 8 GPUs, s",
-                "export (zstd-22) s"):
+    assert rows["attention"] == ["sdpa", "sdpa"] and rows["processes"] == ["1", "2"]  # no FA3 here: SDPA
+    for key in ("steps", "ms/step", "tokens/s", "compile+warmup s", "export (zstd-22) s", "sliding windows/s/GPU",
+                "full sliding, 8 GPUs, s"):
         assert all(float(v) > 0 for v in rows[key]), key
-    assert all(int(v) > 0 for v in rows["steps"])
-    assert (out / "logs" / "gpu_check_auto.txt").is_file() and (out / "versions.txt").is_file()
+    assert rows["peak alloc MiB"] == ["-", "-"]  # no CUDA memory on the CPU
+    assert (out / "logs" / "gpu_check_auto_x2.txt").is_file() and (out / "versions.txt").is_file()
 
 
 def test_missing_data_folder_is_one_line(tmp_path):
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True,
-                          env={**os.environ, "GPU_CHECK_DATA": str(tmp_path / "nowhere")}, timeout=60)
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=60,
+                          env=environment(tmp_path, 1, GPU_CHECK_DATA=str(tmp_path / "nowhere")))
     assert proc.returncode == 2 and proc.stderr.strip() == f"gpu_check: no data folder {tmp_path / 'nowhere'}"
+    assert proc.stdout == "gpus: 1 (nvidia-smi -L)\n"  # one GPU: no several-GPU section would run
