@@ -58,15 +58,13 @@ HPARAMS = dict(
     TRAIN_BATCH_TOKENS=524288, TRAIN_SEQ_LEN=2048, EVAL_SEQ_LEN=2048,
     MAX_WALLCLOCK_SECONDS=600.0,
     QK_GAIN_INIT=1.5, VOCAB_SIZE=1024, NUM_LAYERS=11, NUM_KV_HEADS=4, MODEL_DIM=512, NUM_HEADS=8, MLP_MULT=3.0,
-    TIE_EMBEDDINGS=True, ROPE_BASE=50000.0, LOGIT_SOFTCAP=30.0,
-    EMBED_LR=0.6, HEAD_LR=0.008, TIED_EMBED_LR=0.035, TIED_EMBED_INIT_STD=0.005, MATRIX_LR=0.025, SCALAR_LR=0.025,
+    ROPE_BASE=50000.0, LOGIT_SOFTCAP=30.0,
+    TIED_EMBED_LR=0.035, TIED_EMBED_INIT_STD=0.005, MATRIX_LR=0.025, SCALAR_LR=0.025,
     MUON_MOMENTUM=0.99, MUON_BACKEND_STEPS=5, MUON_MOMENTUM_WARMUP_START=0.92, MUON_MOMENTUM_WARMUP_STEPS=1500,
     BETA1=0.9, BETA2=0.95, ADAM_EPS=1e-8, GRAD_CLIP_NORM=0.3,
     EVAL_STRIDE=64,
-    MTP_NUM_HEADS=0, MTP_LOSS_WEIGHT=0.2,
     SWA_ENABLED=True, SWA_EVERY=200,
     MUON_WD=0.04, ADAM_WD=0.04,
-    QAT_ENABLED=False,
     BIGRAM_VOCAB_SIZE=2048, BIGRAM_DIM=128,
     XSA_LAST_N=3,
     MLP_NEG_SLOPE=0.0,  # MLP activation leaky_relu(x, slope)^2; 0 = relu^2
@@ -81,6 +79,7 @@ HPARAMS = dict(
     CONTROL_TENSOR_NAME_PATTERNS="attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,"
                                  "skip_weight,skip_weights,smear",
     COMPILE="auto",  # auto = on with CUDA
+    PRECISION="auto",  # auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32; or bf16, fp32
     ATTENTION="auto",  # auto = FlashAttention-3 if its start-up probe passes on CUDA, else SDPA; or fa3, sdpa
     EVAL_ONLY="",  # path to a final_model.int6.ptz: skip training, score the artifact
 )
@@ -116,6 +115,7 @@ def read_hyperparameters(env) -> SimpleNamespace:
     head_dim = hp.model_dim // max(hp.num_heads, 1)
     for ok, message in [
         (hp.compile in ("auto", "0", "1"), "COMPILE must be auto, 0 or 1"),
+        (hp.precision in ("auto", "bf16", "fp32"), f"PRECISION={hp.precision} must be auto, bf16 or fp32"),
         (min(hp.train_seq_len, hp.train_batch_tokens, hp.val_batch_size, hp.num_layers, hp.num_heads) > 0,
          "TRAIN_SEQ_LEN, TRAIN_BATCH_TOKENS, VAL_BATCH_SIZE, NUM_LAYERS and NUM_HEADS must be positive"),
         (hp.num_heads > 0 and hp.model_dim % hp.num_heads == 0 and head_dim % 2 == 0,
@@ -124,8 +124,8 @@ def read_hyperparameters(env) -> SimpleNamespace:
          f"NUM_HEADS={hp.num_heads} must be a multiple of NUM_KV_HEADS={hp.num_kv_heads}"),
         (0 <= hp.xsa_last_n <= hp.num_layers, f"XSA_LAST_N={hp.xsa_last_n} must lie in [0, NUM_LAYERS]"),
         (hp.bigram_vocab_size == 0 or hp.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2"),
-        (min(hp.eval_stride, hp.val_max_tokens, hp.mtp_num_heads, hp.warmup_steps) >= 0,
-         "EVAL_STRIDE, VAL_MAX_TOKENS, MTP_NUM_HEADS and WARMUP_STEPS must be >= 0"),
+        (min(hp.eval_stride, hp.val_max_tokens, hp.warmup_steps) >= 0,
+         "EVAL_STRIDE, VAL_MAX_TOKENS and WARMUP_STEPS must be >= 0"),
         (hp.swa_every > 0, "SWA_EVERY must be positive"),
         (0 <= hp.ema_decay < 1, f"EMA_DECAY={hp.ema_decay} must lie in [0, 1) (0 = off)"),
         (hp.rope_dims == 0 or (hp.rope_dims % 2 == 0 and 2 <= hp.rope_dims <= head_dim),
@@ -154,13 +154,28 @@ def misspelt(env) -> list[str]:
     return [f"warning: {n} is not a hyperparameter; did you mean {c[0]}?" for n, c in close.items() if c]
 
 
+ACT_DTYPE = torch.bfloat16  # activations, embedding tables, Newton-Schulz: decided once at start-up (PRECISION)
+
+
+def choose_precision(mode: str, cuda: bool) -> tuple[torch.dtype, str]:
+    """(activation dtype, why) for PRECISION=auto|bf16|fp32. A CPU without native bf16 emulates bf16 matmuls about
+    100x slower than fp32 (0.3 vs 44 GFLOP/s measured on an AMD EPYC): auto takes fp32 there."""
+    if mode != "auto":
+        return (torch.bfloat16 if mode == "bf16" else torch.float32), f"PRECISION={mode}"
+    if cuda:
+        return torch.bfloat16, "CUDA"
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16, "CPU with native bf16"
+    return torch.float32, "CPU without native bf16"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Muon: momentum + Newton-Schulz orthogonalised updates for the matrices
 
 def newton_schulz(g: Tensor, steps: int) -> Tensor:
-    """Quintic iteration pushing every singular value of g towards 1 (bf16, as in the records)."""
+    """Quintic iteration pushing every singular value of g towards 1 (in bf16, as in the records)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16()
+    x = g.to(ACT_DTYPE)
     x = x / (x.norm() + 1e-7)
     tall = x.size(0) > x.size(1)
     if tall:
@@ -186,7 +201,7 @@ class Muon(torch.optim.Optimizer):
             params, mu = group["params"], group["momentum"]
             if gi not in self.flat:
                 n = sum(p.numel() for p in params)
-                self.flat[gi] = torch.empty(n, dtype=torch.bfloat16, device=params[0].device)
+                self.flat[gi] = torch.empty(n, dtype=ACT_DTYPE, device=params[0].device)
             flat, offset = self.flat[gi].zero_(), 0
             for i, p in enumerate(params):
                 if i % world == rank and p.grad is not None:
@@ -355,20 +370,15 @@ def int6_rows(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class CastedLinear(nn.Linear):
-    """fp32 master weight, cast to the activation dtype at call time; no bias. `qat` = int6 straight-through."""
+    """fp32 master weight, cast to the activation dtype at call time; no bias. Initialised by GPT: zeros, or
+    orthogonal times init_scale (PyTorch's default when a side is under 64)."""
 
-    qat = False
-
-    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False, init_scale: float = 1.0):
         super().__init__(in_features, out_features, bias=False)
-        self.zero_init = zero_init
+        self.zero_init, self.init_scale = zero_init, init_scale
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        if CastedLinear.qat and self.training:
-            q, scale = int6_rows(w.detach())
-            w = w + (q * scale.float() - w).detach()
-        return F.linear(x, w.to(x.dtype))
+        return F.linear(x, self.weight.to(x.dtype))
 
 
 def rope_inv_freq(seq_len: int, dims: int, base: float, train_seq_len: int) -> Tensor:
@@ -495,12 +505,15 @@ def bigram_buckets(ids: Tensor, buckets: int) -> Tensor:
 
 
 class BigramHash(nn.Module):
-    def __init__(self, buckets: int, bigram_dim: int, dim: int):
+    """A hashed (previous, current) token embedding added to the token embedding: a zero table, so it starts
+    silent, read through a projection scaled as a residual branch's output (1/sqrt(2 layers))."""
+
+    def __init__(self, buckets: int, bigram_dim: int, dim: int, num_layers: int):
         super().__init__()
         self.buckets = buckets
         self.embed = nn.Embedding(buckets, bigram_dim)
         nn.init.zeros_(self.embed.weight)
-        self.proj = CastedLinear(bigram_dim, dim)
+        self.proj = CastedLinear(bigram_dim, dim, init_scale=1 / math.sqrt(2 * num_layers))
         self.scale = nn.Parameter(torch.tensor(0.05))
 
     def forward(self, ids: Tensor, dtype: torch.dtype) -> Tensor:
@@ -521,21 +534,19 @@ class SmearGate(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, hp: SimpleNamespace, mtp_num_heads: int = 0, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, hp: SimpleNamespace, dtype: torch.dtype):
         super().__init__()
         dim, layers = hp.model_dim, hp.num_layers
-        self.softcap, self.mtp_loss_weight = hp.logit_softcap, hp.mtp_loss_weight
+        self.softcap = hp.logit_softcap
         self.rope_dims = hp.rope_dims or dim // hp.num_heads
         self.rope_base, self.train_seq_len = hp.rope_base, hp.train_seq_len
         self.act_dtype = dtype  # of the residual stream
         self.tok_emb = nn.Embedding(hp.vocab_size, dim)
-        self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, dim) if hp.bigram_vocab_size else None
+        self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, dim, layers) if hp.bigram_vocab_size else None
         self.smear = SmearGate(dim)
         self.num_encoder = layers // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, layers - self.num_encoder), dim))
         self.blocks = nn.ModuleList(Block(dim, hp, i) for i in range(layers))
-        self.lm_head = None if hp.tie_embeddings else CastedLinear(dim, hp.vocab_size, zero_init=True)
-        self.mtp_heads = nn.ModuleList(CastedLinear(dim, hp.vocab_size, zero_init=True) for _ in range(mtp_num_heads))
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
         for name, m in self.named_modules():
             if not isinstance(m, CastedLinear):
@@ -568,31 +579,23 @@ class GPT(nn.Module):
     def embedding_tables(self) -> list[nn.Parameter]:
         return [self.tok_emb.weight] + ([self.bigram.embed.weight] if self.bigram is not None else [])
 
-    def logits(self, x: Tensor, head: nn.Module | None = None) -> Tensor:
-        head = head or self.lm_head
-        raw = head(x) if head is not None else F.linear(x, self.tok_emb.weight.to(x.dtype))
+    def logits(self, x: Tensor) -> Tensor:
+        """The tied head (the token embedding) with a tanh softcap, in fp32."""
+        raw = F.linear(x, self.tok_emb.weight.to(x.dtype))
         return self.softcap * torch.tanh(raw.float() / self.softcap)
-
-    def forward_logits(self, ids: Tensor) -> Tensor:
-        return self.logits(self.hidden(ids))
 
     def loss(self, x: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
         """Cross-entropy of the targets from the final hidden states x (reduction "none": per position)."""
         return F.cross_entropy(self.logits(x).flatten(0, 1), targets.flatten(), reduction=reduction)
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
-        x = self.hidden(ids)
-        loss = self.loss(x, targets)
-        if len(self.mtp_heads):  # head k predicts the token k+1 places beyond the next one
-            aux = [F.cross_entropy(self.logits(x[:, : -(k + 1)], h).flatten(0, 1), targets[:, k + 1 :].flatten())
-                   for k, h in enumerate(self.mtp_heads)]
-            loss = loss + self.mtp_loss_weight * torch.stack(aux).mean()
-        return loss
+        return self.loss(self.hidden(ids), targets)
 
 
-def build_model(hp: SimpleNamespace, device: torch.device, mtp_num_heads: int = 0) -> GPT:
-    """fp32 init, then bf16 everywhere except linear weights, small and control tensors (fp32 masters)."""
-    model = GPT(hp, mtp_num_heads, torch.bfloat16).bfloat16()
+def build_model(hp: SimpleNamespace, device: torch.device) -> GPT:
+    """fp32 init, then the activation dtype (PRECISION) everywhere except linear weights, small and control tensors
+    (fp32 masters)."""
+    model = GPT(hp, ACT_DTYPE).to(ACT_DTYPE)
     for m in model.modules():
         if isinstance(m, CastedLinear):
             m.float()
@@ -675,7 +678,7 @@ def evaluate(scorer, val: Tensor, luts, window: int, stride: int, batch_windows:
 
 
 def autocast(device: torch.device):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=ACT_DTYPE == torch.bfloat16)
 
 
 def all_reduce_flat(tensors: list[Tensor]) -> None:
@@ -774,7 +777,7 @@ def quant_route(name: str, t: Tensor, control_patterns: tuple[str, ...]) -> str:
         return "passthrough"
     if any(p in name for p in control_patterns):
         return "passthrough_ctrl"
-    if "tok_emb" in name or "lm_head" in name:
+    if "tok_emb" in name:
         return "int8"
     return "int6" if ".mlp." in name or ".attn." in name or ".proj." in name else "int8"
 
@@ -1020,22 +1023,19 @@ def muon_momentum(step: int, hp: SimpleNamespace) -> float:
     return (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
 
 
-def build_optimizers(model: GPT, hp: SimpleNamespace, orthogonalize, fused: bool) -> list[torch.optim.Optimizer]:
-    """Muon for matrices, AdamW for the embedding tables and the control/scalar tensors, Adam for an untied head."""
-    matrices = [m.weight for n, m in model.named_modules() if isinstance(m, CastedLinear) and n != "lm_head"]
+def build_optimizers(model: GPT, hp: SimpleNamespace, orthogonalize, fused: bool) -> dict[str, torch.optim.Optimizer]:
+    """Muon for the matrices, AdamW for the embedding tables and the control/scalar tensors."""
+    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear)]
     tables = model.embedding_tables()
-    taken = {id(p) for p in matrices + tables + ([model.lm_head.weight] if model.lm_head is not None else [])}
+    taken = {id(p) for p in matrices + tables}
     scalars = [p for p in model.parameters() if id(p) not in taken]
-    adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=fused)
-    embed_lr = hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr
-    optimizers = [
-        Muon(matrices, hp.matrix_lr, hp.muon_momentum_warmup_start, hp.muon_backend_steps, hp.muon_wd, orthogonalize),
-        torch.optim.AdamW([dict(params=tables, lr=embed_lr), dict(params=scalars, lr=hp.scalar_lr)],
-                          weight_decay=hp.adam_wd, **adam),
-    ]
-    if model.lm_head is not None:
-        optimizers.append(torch.optim.Adam([model.lm_head.weight], lr=hp.head_lr, **adam))
-    for opt in optimizers:
+    optimizers = dict(
+        muon=Muon(matrices, hp.matrix_lr, hp.muon_momentum_warmup_start, hp.muon_backend_steps, hp.muon_wd,
+                  orthogonalize),
+        adam=torch.optim.AdamW([dict(params=tables, lr=hp.tied_embed_lr), dict(params=scalars, lr=hp.scalar_lr)],
+                               betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd, fused=fused),
+    )
+    for opt in optimizers.values():
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
     return optimizers
@@ -1127,18 +1127,15 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, lu
     """The timed training loop. Returns the model holding the weights to export (the SWA/EMA average when one
     applies), in eval mode, and a record of the run (agreed train_ms, steps, last val_bpb, why it stopped,
     whether the replicas agree, the scorer of its periodic evals)."""
-    base_model = build_model(hp, rt.device, hp.mtp_num_heads)
+    base_model = build_model(hp, rt.device)
     log(f"model_params:{sum(p.numel() for p in base_model.parameters() if p.requires_grad)}")
-    log(f"mtp_num_heads:{hp.mtp_num_heads} mtp_loss_weight:{hp.mtp_loss_weight} "
-        f"mtp_params:{sum(p.numel() for p in base_model.mtp_heads.parameters())}")
     log(f"train_loader:dataset:{Path(train_files[0]).parent.name} train_shards:{len(train_files)}")
     compiled = maybe_compile(base_model, rt)
     model = DDP(compiled, device_ids=[rt.device.index] if rt.cuda else None,
                 gradient_as_bucket_view=True) if rt.distributed else compiled
     orthogonalize = torch.compile(newton_schulz, dynamic=False) if rt.compile else newton_schulz
     optimizers = build_optimizers(base_model, hp, orthogonalize, fused=rt.cuda)
-    log(f"tie_embeddings:{hp.tie_embeddings} embed_lr:{optimizers[1].param_groups[0]['lr']} "
-        f"head_lr:{hp.head_lr if not hp.tie_embeddings else 0.0} matrix_lr:{hp.matrix_lr} scalar_lr:{hp.scalar_lr}")
+    log(f"tied_embed_lr:{hp.tied_embed_lr} matrix_lr:{hp.matrix_lr} scalar_lr:{hp.scalar_lr}")
     log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} iterations:{hp.iterations} "
         f"warmup_steps:{hp.warmup_steps} max_wallclock_seconds:{hp.max_wallclock_seconds:.3f}")
 
@@ -1155,20 +1152,20 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, lu
                 loss = model(x, y)
             (loss / rt.grad_accum).backward()
             total += loss.detach()
-        optimizers[0].param_groups[0]["momentum"] = muon_momentum(step, hp)
-        for opt in optimizers:
+        optimizers["muon"].param_groups[0]["momentum"] = muon_momentum(step, hp)
+        for opt in optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_scale
         if hp.grad_clip_norm > 0:
             nn.utils.clip_grad_norm_(base_model.parameters(), hp.grad_clip_norm)
-        for opt in optimizers:
+        for opt in optimizers.values():
             opt.step()
         base_model.zero_grad(set_to_none=True)
         return total / rt.grad_accum
 
     if hp.warmup_steps:  # compile priming on real batches, then every state is put back exactly
         model_state = copy.deepcopy(base_model.state_dict())
-        opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        opt_states = {name: copy.deepcopy(opt.state_dict()) for name, opt in optimizers.items()}
         loader, warmup_start = new_loader(), time.perf_counter()
         for i in range(hp.warmup_steps):
             train_step(loader, 0, 1.0)
@@ -1178,8 +1175,8 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, lu
         log(f"warmup_time:{1000 * (time.perf_counter() - warmup_start):.0f}ms"
             + " (includes compilation)" * rt.compile)
         base_model.load_state_dict(model_state)
-        for opt, state in zip(optimizers, opt_states):
-            opt.load_state_dict(state)
+        for name, opt in optimizers.items():
+            opt.load_state_dict(opt_states[name])
     loader = new_loader()
 
     scorer = Scorer(base_model, rt)
@@ -1299,7 +1296,7 @@ def collect_hessians(model: GPT, names: list[str], train_files: list[str], hp: S
 def quantize(model: GPT, hp: SimpleNamespace, rt: SimpleNamespace, train_files: list[str]):
     """The model's quantised state under QUANT_METHOD (GPTQ calibrates on training data first). Every rank takes
     part and gets the result."""
-    state = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith("mtp_heads.")}
+    state = {k: v.detach() for k, v in model.state_dict().items()}
     with exact_fp32():
         hessians = None
         if hp.quant_method == "gptq":
@@ -1389,7 +1386,8 @@ def runtime(hp: SimpleNamespace) -> SimpleNamespace:
                          f"{grad_accum} micro-steps of whole TRAIN_SEQ_LEN={hp.train_seq_len} sequences "
                          f"(nearest valid: {' or '.join(nearest)})")
     cuda = torch.cuda.is_available()
-    return SimpleNamespace(
+    precision, precision_why = choose_precision(hp.precision, cuda)
+    return SimpleNamespace(precision=precision, precision_why=precision_why,
         distributed=distributed, rank=int(os.environ["RANK"]) if distributed else 0, world_size=world_size,
         grad_accum=grad_accum, local_tokens=local_tokens, cuda=cuda,
         device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu"),
@@ -1590,6 +1588,8 @@ def main() -> int:
         print(line, file=sys.stderr, flush=True)
     hp = read_hyperparameters(os.environ)
     rt = runtime(hp)
+    global ACT_DTYPE, USE_FA3
+    ACT_DTYPE = rt.precision
     compressor()
     sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     luts = build_byte_luts(sp, hp.vocab_size)
@@ -1615,7 +1615,6 @@ def main() -> int:
     if rt.distributed:
         dist.init_process_group("nccl" if rt.cuda else "gloo", device_id=rt.device if rt.cuda else None)
         dist.barrier()
-    global USE_FA3
     USE_FA3, why = choose_attention(hp.attention, rt)
     code, wrapper = script_code(__file__)
     log = Logger(hp.run_id, rt.rank == 0, code)
@@ -1633,13 +1632,13 @@ def main() -> int:
     log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum}")
     log(f"attention_backend:{'fa3' if USE_FA3 else 'sdpa'} compile:{int(rt.compile)} device:{rt.device.type} "
         f"reason:{why}")
+    log(f"precision:{'bf16' if ACT_DTYPE == torch.bfloat16 else 'fp32'} reason:{rt.precision_why}")
     log(f"attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads}")
     log(f"XSA:last_{hp.xsa_last_n} active_layers:{list(range(hp.num_layers - hp.xsa_last_n, hp.num_layers))}")
     log(f"seed:{hp.seed}")
     random.seed(hp.seed)
     np.random.seed(hp.seed)
     torch.manual_seed(hp.seed)
-    CastedLinear.qat = hp.qat_enabled  # fixed for the whole run, so torch.compile may fold it
 
     val = val_tokens.to(rt.device, torch.int32)  # on the device once per run; int32 halves its memory
     luts = [t.to(rt.device) for t in luts]

@@ -25,7 +25,7 @@ def flops_per_token(hp: dict[str, str]) -> float:
     kv = d // int(hp["NUM_HEADS"]) * int(hp["NUM_KV_HEADS"])
     block = 2 * d * d + 2 * d * kv + 2 * d * int(float(hp["MLP_MULT"]) * d)
     bigram = int(hp["BIGRAM_DIM"]) * d if int(hp["BIGRAM_VOCAB_SIZE"]) else 0
-    head = d * int(hp["VOCAB_SIZE"]) * (1 + int(hp["MTP_NUM_HEADS"]))
+    head = d * int(hp["VOCAB_SIZE"])
     return 6 * (layers * block + bigram + head) + 6 * layers * t * d
 
 

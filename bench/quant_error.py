@@ -41,20 +41,22 @@ def layer_type(name: str) -> str | None:
 def measure(env: dict[str, str], seed: int) -> dict:
     hp = tg.read_hyperparameters({**env, "SEED": str(seed), "RUN_ID": f"quant_error_{seed}"})
     rt = tg.runtime(hp)
+    tg.ACT_DTYPE = rt.precision
     torch.manual_seed(seed)
     sp = tg.load_tokenizer(hp.tokenizer_path, hp.vocab_size)
-    luts = tg.build_byte_luts(sp, hp.vocab_size)
-    val = tg.load_validation_tokens(tg.resolve_files(hp.val_glob, "VAL_FILES"), hp.train_seq_len, hp.val_max_tokens)
+    luts = [t.to(rt.device) for t in tg.build_byte_luts(sp, hp.vocab_size)]
+    val = tg.load_validation_tokens(tg.resolve_files(hp.val_glob, "VAL_FILES"), hp.train_seq_len,
+                                    hp.val_max_tokens).to(rt.device, torch.int32)
     train_files = tg.resolve_files(hp.train_glob, "TRAIN_FILES")
     log = tg.Logger(hp.run_id, True, b"")
 
-    def run_eval(logits_fn, window, stride):
-        batch = max(1, hp.val_batch_size // (rt.world_size * rt.grad_accum) // window)
-        return tg.evaluate(logits_fn, val, luts, window, stride, batch, 0, 1, rt.device)
+    def val_loss(model) -> float:
+        seq = hp.train_seq_len
+        return tg.evaluate(tg.Scorer(model, rt), val, luts, seq, seq, tg.eval_batch_windows(hp, rt, seq), 0, 1)[0]
 
-    progress = SimpleNamespace(step=0, train_ms=0.0, artifact=None)
-    model, trained = tg.train(hp, rt, log, run_eval, train_files, progress)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("mtp_heads.")}
+    progress = SimpleNamespace(step=0, train_ms=0.0, artifact=None, reported=False)
+    model, trained = tg.train(hp, rt, log, val, luts, train_files, progress)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     names = [k for k, v in state.items() if layer_type(k) and v.ndim == 2]
     t0 = time.perf_counter()
     calib = tg.collect_hessians(model, names, train_files, hp, rt)
@@ -63,7 +65,7 @@ def measure(env: dict[str, str], seed: int) -> dict:
                                                                               2 * hp.gptq_calib_seqs}), rt)
     held_out = {k: both[k] - calib[k] for k in calib}  # the next GPTQ_CALIB_SEQS sequences of the stream
 
-    base_loss = run_eval(model.forward_logits, hp.train_seq_len, hp.train_seq_len)[0]
+    base_loss = val_loss(model)
     out = dict(seed=seed, steps=progress.step, val_loss=base_loss, calib_s=calib_s, methods={})
     for method in METHODS:
         t0 = time.perf_counter()
@@ -82,7 +84,7 @@ def measure(env: dict[str, str], seed: int) -> dict:
             tensors[n + ".q"], tensors[n + ".scale"], meta[n] = q.to(torch.int8), scale, "int6"
         blob = tg.pack_artifact(tensors, meta)
         model.load_state_dict(tg.unpack_artifact(blob, state))
-        loss = run_eval(model.forward_logits, hp.train_seq_len, hp.train_seq_len)[0]
+        loss = val_loss(model)
         model.load_state_dict(state)
         out["methods"][method] = dict(rel_err={t: err[t] / ref[t] for t in TYPES if ref[t]}, bytes=len(blob),
                                       quant_s=quant_s, loss_gap=loss - base_loss)

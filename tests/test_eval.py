@@ -65,13 +65,13 @@ def fp32_logits_fn(model: tg.GPT):
 
     def fn(x):
         with torch.autocast("cpu", enabled=False):
-            return m32.forward_logits(x)
+            return m32.logits(m32.hidden(x))
     return fn, m32
 
 
 def tiny_model_copy_fp32(model: tg.GPT) -> tg.GPT:
     hp = tg.read_hyperparameters(TINY_EVAL_ENV)
-    m32 = tg.GPT(hp, 0, torch.float32).float()
+    m32 = tg.GPT(hp, torch.float32).float()
     m32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     return m32.eval()
 
@@ -229,7 +229,7 @@ def test_sliding_loss_bf16_model_close_to_reference(model):
     total, window, stride = 90, 32, 8
     toks, luts = make_tokens(total, seed=11), make_luts()
     loss, _, tokens, _ = tg.evaluate(tg.Scorer(m, EAGER), toks, luts, window, stride, 4, 0, 1)
-    ref = brute_force(m.forward_logits, toks, window, stride, use_autocast=True) / total
+    ref = brute_force(lambda x: m.logits(m.hidden(x)), toks, window, stride, use_autocast=True) / total
     assert tokens == total
     assert loss == pytest.approx(ref, rel=2e-3)
 
@@ -246,7 +246,7 @@ def test_head_runs_on_scored_positions_only_and_equals_the_full_computation(mode
         fast = tg.evaluate(tg.Scorer(m, EAGER), toks, luts, window, stride, batch, 0, 1)
     finally:
         del m.loss
-    full = tg.evaluate(scorer_of(m.forward_logits), toks, luts, window, stride, batch, 0, 1)
+    full = tg.evaluate(scorer_of(lambda x: m.logits(m.hidden(x))), toks, luts, window, stride, batch, 0, 1)
     assert fast[2:] == full[2:] == (total, all_target_bytes(toks, luts))
     assert fast[0] == pytest.approx(full[0], rel=1e-6)
     windows = tg.sliding_windows(total, window, stride)

@@ -85,7 +85,7 @@ def test_rope_dims_in_the_model_leave_the_other_dims_position_free():
     part, _ = small(ROPE_DIMS="2")
     assert full.state_dict().keys() == part.state_dict().keys()
     ids = torch.randint(0, 128, (1, 32))
-    assert not torch.allclose(full.forward_logits(ids), part.forward_logits(ids))
+    assert not torch.allclose(full.logits(full.hidden(ids)), part.logits(part.hidden(ids)))
 
 
 def test_ln_scale_multiplies_each_blocks_norm_exactly():
