@@ -548,15 +548,14 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, layers - self.num_encoder), dim))
         self.blocks = nn.ModuleList(Block(dim, hp, i) for i in range(layers))
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
-        for name, m in self.named_modules():
+        for m in self.modules():
             if not isinstance(m, CastedLinear):
                 continue
             if m.zero_init:
                 nn.init.zeros_(m.weight)
             elif min(m.weight.shape) >= 64:
                 nn.init.orthogonal_(m.weight)
-                if name.endswith(".proj") or ".proj." in name:  # muP output scaling; in practice only bigram.proj
-                    m.weight.data.mul_(1 / math.sqrt(2 * layers))
+                m.weight.data.mul_(m.init_scale)
 
     def hidden(self, ids: Tensor) -> Tensor:
         t = ids.size(1)
