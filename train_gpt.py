@@ -76,8 +76,18 @@ HPARAMS = dict(
     TTT_ENABLED=False,  # legal score-first test-time training after the final evals
     TTT_CHUNK_TOKENS=32768, TTT_EPOCHS=3, TTT_LR=0.002, TTT_MOMENTUM=0.9, TTT_FREEZE_BLOCKS=0,
     TTT_MAX_SECONDS=300.0,  # cap on TTT's training time, after which chunks are only scored; 0 = no cap
+    LOOP_LAYERS="",  # "a-b": blocks a..b run again after b (depth recurrence, weights shared); "" = off
+    LOOP_EXTRA=1,  # extra passes of the loop segment
+    LOOP_START="0",  # fraction of the training budget at which the extra passes switch on; a list: one per pass
+    LOOP_UNTIE_MLP=False,  # extra passes get MLPs of their own, copied from the segment's at the switch
+    PARALLEL_START=0,  # blocks from this one on read attention and MLP input alike (parallel residuals); 0 = off
+    PARALLEL_MODE="gptj",  # gptj: one lane, x + attn(n(x)) + mlp(n(x)); lanes: two lanes with learned mixing
+    MUON_ROW_NORM=False,  # MuonEq-R: every row of the Nesterov update normalised before Newton-Schulz
+    SKIP_GATES=False,  # U-Net skips as a sigmoid-gated blend x <- s x + (1 - s) w skip instead of x + w skip
+    MIN_LR=0.0,  # floor of the learning-rate multiplier during the warmdown
+    WARMDOWN_FRAC=0.0,  # warmdown over this last fraction of the training budget; 0 = WARMDOWN_ITERS steps
     CONTROL_TENSOR_NAME_PATTERNS="attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,"
-                                 "skip_weight,skip_weights,smear",
+                                 "skip_weight,skip_weights,smear,skip_gates,lane_resid,lane_post",
     COMPILE="auto",  # auto = on with CUDA
     PRECISION="auto",  # auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32; or bf16, fp32
     ATTENTION="auto",  # auto = FlashAttention-3 if its start-up probe passes on CUDA, else SDPA; or fa3, sdpa
@@ -113,6 +123,7 @@ def read_hyperparameters(env) -> SimpleNamespace:
     hp.eval_len = hp.eval_seq_len if hp.eval_seq_len > 0 else hp.train_seq_len
     hp.control_patterns = tuple(p for p in hp.control_tensor_name_patterns.split(",") if p)
     head_dim = hp.model_dim // max(hp.num_heads, 1)
+    hp.loop, hp.loop_starts = parse_loop(hp)
     for ok, message in [
         (hp.compile in ("auto", "0", "1"), "COMPILE must be auto, 0 or 1"),
         (hp.precision in ("auto", "bf16", "fp32"), f"PRECISION={hp.precision} must be auto, bf16 or fp32"),
@@ -142,10 +153,37 @@ def read_hyperparameters(env) -> SimpleNamespace:
         (min(hp.ttt_epochs, hp.ttt_lr, hp.ttt_momentum) >= 0 and 0 <= hp.ttt_freeze_blocks <= hp.num_layers,
          "TTT_EPOCHS, TTT_LR and TTT_MOMENTUM must be >= 0 and TTT_FREEZE_BLOCKS in [0, NUM_LAYERS]"),
         (hp.attention in ("auto", "fa3", "sdpa"), f"ATTENTION={hp.attention} must be auto, fa3 or sdpa"),
+        (not hp.loop_untie_mlp or hp.loop, "LOOP_UNTIE_MLP=1 needs LOOP_LAYERS"),
+        (0 <= hp.parallel_start < hp.num_layers, f"PARALLEL_START={hp.parallel_start} must lie in [0, NUM_LAYERS)"),
+        (hp.parallel_mode in ("gptj", "lanes"), f"PARALLEL_MODE={hp.parallel_mode} must be gptj or lanes"),
+        (hp.parallel_mode != "lanes" or not hp.parallel_start
+         or (hp.parallel_start >= hp.num_layers // 2 and hp.parallel_start > (hp.loop or (-1, -1))[1]),
+         f"PARALLEL_START={hp.parallel_start} with PARALLEL_MODE=lanes must be a decoder layer (>= NUM_LAYERS // 2) "
+         "after the loop segment"),
+        (0 <= hp.min_lr <= 1 and 0 <= hp.warmdown_frac <= 1, "MIN_LR and WARMDOWN_FRAC must lie in [0, 1]"),
     ]:
         if not ok:
             raise InputError(message)
     return hp
+
+
+def parse_loop(hp: SimpleNamespace) -> tuple[tuple[int, int] | None, list[float]]:
+    """LOOP_LAYERS "a-b" as (a, b), and the budget fraction at which each of the LOOP_EXTRA passes switches on."""
+    if not hp.loop_layers:
+        return None, []
+    try:
+        a, b = (int(v) for v in hp.loop_layers.split("-"))
+        starts = [float(v) for v in hp.loop_start.split(",")]
+    except ValueError:
+        raise InputError(f"LOOP_LAYERS={hp.loop_layers!r} must be 'a-b' and LOOP_START={hp.loop_start!r} a fraction "
+                         "or a comma-separated list of them") from None
+    if not 0 <= a <= b < hp.num_layers:
+        raise InputError(f"LOOP_LAYERS={hp.loop_layers}: the segment must lie within layers 0..{hp.num_layers - 1}")
+    if hp.loop_extra < 1 or len(starts) not in (1, hp.loop_extra):
+        raise InputError(f"LOOP_EXTRA={hp.loop_extra} must be >= 1, and LOOP_START one fraction or one per pass")
+    if not all(0 <= f < 1 for f in starts) or starts != sorted(starts):
+        raise InputError(f"LOOP_START={hp.loop_start}: fractions must lie in [0, 1), in increasing order")
+    return (a, b), starts * hp.loop_extra if len(starts) == 1 else starts
 
 
 def misspelt(env) -> list[str]:
@@ -187,11 +225,13 @@ def newton_schulz(g: Tensor, steps: int) -> Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Each rank orthogonalises every world_size-th matrix; one all-reduce of a flat buffer shares the updates."""
+    """Each rank orthogonalises every world_size-th matrix; one all-reduce of a flat buffer shares the updates.
+    row_norm (MuonEq-R): every row of the Nesterov update divided by its L2 norm before Newton-Schulz."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, orthogonalize):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, orthogonalize,
+                 row_norm: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
-        self.orthogonalize, self.flat = orthogonalize, {}
+        self.orthogonalize, self.row_norm, self.flat = orthogonalize, row_norm, {}
 
     @torch.no_grad()
     def step(self):
@@ -208,7 +248,10 @@ class Muon(torch.optim.Optimizer):
                     if "momentum_buffer" not in self.state[p]:
                         self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
                     buf = self.state[p]["momentum_buffer"].mul_(mu).add_(p.grad)
-                    update = self.orthogonalize(p.grad.add(buf, alpha=mu), group["backend_steps"])
+                    nesterov = p.grad.add(buf, alpha=mu)
+                    if self.row_norm:
+                        nesterov = nesterov / nesterov.float().norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                    update = self.orthogonalize(nesterov, group["backend_steps"])
                     flat[offset : offset + p.numel()] = (update * max(1.0, p.size(0) / p.size(1)) ** 0.5).flatten()
                 offset += p.numel()
             if distributed:
@@ -477,6 +520,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One physical layer. In the loop segment it runs once per pass (pass k > 0 with MLP k - 1 of loop_mlps when
+    LOOP_UNTIE_MLP); from PARALLEL_START on, attention and MLP read the same input (gptj) or two lanes (lanes)."""
+
     def __init__(self, dim: int, hp: SimpleNamespace, layer: int):
         super().__init__()
         self.attn = CausalSelfAttention(dim, hp.num_heads, hp.num_kv_heads, hp.qk_gain_init,
@@ -486,15 +532,40 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        looped = hp.loop is not None and hp.loop[0] <= layer <= hp.loop[1]
+        self.loop_mlps = nn.ModuleList(MLP(dim, int(hp.mlp_mult * dim), hp.mlp_neg_slope)
+                                       for _ in range(hp.loop_extra)) if hp.loop_untie_mlp and looped else None
+        self.parallel = hp.parallel_mode if 0 < hp.parallel_start <= layer else ""
+        if self.parallel == "lanes":  # lane k <- r[i] l_k + post[i, k] out_i, i = 0 attention, 1 MLP
+            self.lane_resid = nn.Parameter(torch.full((2,), math.sqrt(1.1)))
+            self.lane_post = nn.Parameter(torch.ones(2, 2))
 
     def norm(self, x: Tensor) -> Tensor:
         return rms_norm(x) * self.ln_scale if self.ln_scale else rms_norm(x)
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def mlp_of_pass(self, k: int) -> MLP:
+        return self.loop_mlps[k - 1] if k and self.loop_mlps is not None else self.mlp
+
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, k: int = 0) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
+        if self.parallel == "gptj":
+            h = self.norm(x)
+            return x + self.attn_scale.to(x.dtype) * self.attn(h, cos, sin) + self.mlp_scale.to(x.dtype) * \
+                self.mlp_of_pass(k)(h)
         x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), cos, sin)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(self.norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp_of_pass(k)(self.norm(x))
+
+    def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor, cos: Tensor, sin: Tensor,
+                      k: int = 0) -> tuple[Tensor, Tensor]:
+        """The two-lane parallel block of the 1.1063 record: attention reads lane 0, the MLP lane 1 (after the
+        attention output was added to it), each output is added to both lanes with learned weights."""
+        l0, l1 = lanes
+        mix, r, post = (t.to(l0.dtype) for t in (self.resid_mix, self.lane_resid, self.lane_post))
+        a = self.attn_scale.to(l0.dtype) * self.attn(self.norm(mix[0] * l0 + mix[1] * x0), cos, sin)
+        l0, l1 = r[0] * l0 + post[0, 0] * a, r[0] * l1 + post[0, 1] * a
+        m = self.mlp_scale.to(l0.dtype) * self.mlp_of_pass(k)(self.norm(mix[0] * l1 + mix[1] * x0))
+        return r[1] * l0 + post[1, 0] * m, r[1] * l1 + post[1, 1] * m
 
 
 def bigram_buckets(ids: Tensor, buckets: int) -> Tensor:
@@ -544,8 +615,10 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(hp.vocab_size, dim)
         self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, dim, layers) if hp.bigram_vocab_size else None
         self.smear = SmearGate(dim)
-        self.num_encoder = layers // 2
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, layers - self.num_encoder), dim))
+        self.num_layers, self.loop, self.loop_passes = layers, hp.loop, len(hp.loop_starts)  # passes on: all
+        encoder = len(self.virtual_layers()) // 2  # skips sized for the shape with every pass on
+        self.skip_weights = nn.Parameter(torch.ones(min(encoder, len(self.virtual_layers()) - encoder), dim))
+        self.skip_gates = nn.Parameter(torch.zeros(len(self.skip_weights), dim)) if hp.skip_gates else None
         self.blocks = nn.ModuleList(Block(dim, hp, i) for i in range(layers))
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
         for m in self.modules():
@@ -566,14 +639,47 @@ class GPT(nn.Module):
         if self.bigram is not None:
             x = x + self.bigram(ids, x.dtype)
         x = x0 = self.smear(rms_norm(x))
-        skips = []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = block(x, x0, cos, sin)
-            if i < self.num_encoder:
+        order = self.virtual_layers()
+        encoder, skips, lanes = len(order) // 2, [], None
+        for i, (layer, k) in enumerate(order):
+            if i >= encoder and skips:  # decoder position j takes the j-th innermost encoder output
+                skip = skips.pop()
+                if lanes is None:
+                    x = self.add_skip(i - encoder, x, skip)
+                else:
+                    lanes = tuple(self.add_skip(i - encoder, lane, skip) for lane in lanes)
+            block = self.blocks[layer]
+            if block.parallel == "lanes":
+                lanes = block.forward_lanes(lanes or (x, x), x0, cos, sin, k)
+            else:
+                x = block(x, x0, cos, sin, k)
+            if i < encoder:
                 skips.append(x)
-        return rms_norm(x)
+        return rms_norm(x if lanes is None else (lanes[0] + lanes[1]) / 2)
+
+    def set_loop_passes(self, n: int) -> None:
+        """Switches extra passes on. An untied pass starts as a copy of its block's MLP: the switch changes the
+        path, not a weight."""
+        for k in range(self.loop_passes + 1, n + 1):
+            for block in self.blocks:
+                if block.loop_mlps is not None:
+                    block.loop_mlps[k - 1].load_state_dict(block.mlp.state_dict())
+        self.loop_passes = n
+
+    def virtual_layers(self) -> list[tuple[int, int]]:
+        """(physical layer, pass) in running order: the loop segment a..b again after b, once per pass on."""
+        a, b = self.loop or (self.num_layers, self.num_layers)
+        passes = [(layer, k) for k in range(1, self.loop_passes + 1) for layer in range(a, b + 1)]
+        return [(i, 0) for i in range(min(b + 1, self.num_layers))] + passes + \
+            [(i, 0) for i in range(b + 1, self.num_layers)]
+
+    def add_skip(self, j: int, x: Tensor, skip: Tensor) -> Tensor:
+        """U-Net skip j: x + w skip, or with SKIP_GATES the blend s x + (1 - s) w skip, s = sigmoid(gate)."""
+        w = self.skip_weights[j].to(x.dtype)
+        if self.skip_gates is None:
+            return x + w * skip
+        s = torch.sigmoid(self.skip_gates[j].to(x.dtype))
+        return s * x + (1 - s) * (w * skip)
 
     def embedding_tables(self) -> list[nn.Parameter]:
         return [self.tok_emb.weight] + ([self.bigram.embed.weight] if self.bigram is not None else [])
@@ -776,9 +882,7 @@ def quant_route(name: str, t: Tensor, control_patterns: tuple[str, ...]) -> str:
         return "passthrough"
     if any(p in name for p in control_patterns):
         return "passthrough_ctrl"
-    if "tok_emb" in name:
-        return "int8"
-    return "int6" if ".mlp." in name or ".attn." in name or ".proj." in name else "int8"
+    return "int6" if name.startswith("blocks.") else "int8"  # block matrices; the embedding tables int8
 
 
 def int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -1005,16 +1109,33 @@ def train_cap_ms(hp: SimpleNamespace) -> float:
     return 1000 * (hp.max_wallclock_seconds - (hp.gptq_reserve_seconds if hp.quant_method == "gptq" else 0.0))
 
 
-def lr_multiplier(step: int, elapsed_ms: float, hp: SimpleNamespace) -> float:
-    """Flat, then linear decay to 0 over the last WARMDOWN_ITERS steps, measured in wall-clock time when capped."""
-    if hp.warmdown_iters <= 0:
-        return 1.0
+def budget_fraction(step: int, elapsed_ms: float, hp: SimpleNamespace) -> float:
+    """How far training is through its budget: time over the cap (GPTQ's reserve excluded), or steps over
+    ITERATIONS when uncapped. The schedule's switches (warmdown, loop passes) read it, from the agreed clock."""
     cap_ms = train_cap_ms(hp)
-    if cap_ms <= 0:
-        return min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
-    warmdown_ms = hp.warmdown_iters * elapsed_ms / max(step, 1)
-    remaining_ms = max(cap_ms - elapsed_ms, 0.0)
-    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+    return elapsed_ms / cap_ms if cap_ms else step / max(hp.iterations, 1)
+
+
+def lr_multiplier(step: int, elapsed_ms: float, hp: SimpleNamespace) -> float:
+    """1, then a linear decay to MIN_LR: over the last WARMDOWN_FRAC of the budget, or else over the last
+    WARMDOWN_ITERS steps (measured in wall-clock time at the mean step time so far when capped)."""
+    cap_ms = train_cap_ms(hp)
+    if hp.warmdown_frac > 0:
+        mul = min(1.0, max(1 - budget_fraction(step, elapsed_ms, hp), 0.0) / hp.warmdown_frac)
+    elif hp.warmdown_iters <= 0:
+        mul = 1.0
+    elif cap_ms <= 0:
+        mul = min(1.0, max(hp.iterations - step, 0) / hp.warmdown_iters)
+    else:
+        warmdown_ms = hp.warmdown_iters * elapsed_ms / max(step, 1)
+        remaining_ms = max(cap_ms - elapsed_ms, 0.0)
+        mul = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+    return max(mul, hp.min_lr)
+
+
+def loop_passes(step: int, elapsed_ms: float, hp: SimpleNamespace) -> int:
+    """Extra passes of the loop segment switched on at this point of the budget."""
+    return sum(budget_fraction(step, elapsed_ms, hp) >= f for f in hp.loop_starts)
 
 
 def muon_momentum(step: int, hp: SimpleNamespace) -> float:
@@ -1030,7 +1151,7 @@ def build_optimizers(model: GPT, hp: SimpleNamespace, orthogonalize, fused: bool
     scalars = [p for p in model.parameters() if id(p) not in taken]
     optimizers = dict(
         muon=Muon(matrices, hp.matrix_lr, hp.muon_momentum_warmup_start, hp.muon_backend_steps, hp.muon_wd,
-                  orthogonalize),
+                  orthogonalize, hp.muon_row_norm),
         adam=torch.optim.AdamW([dict(params=tables, lr=hp.tied_embed_lr), dict(params=scalars, lr=hp.scalar_lr)],
                                betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd, fused=fused),
     )
@@ -1130,8 +1251,8 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, lu
     log(f"model_params:{sum(p.numel() for p in base_model.parameters() if p.requires_grad)}")
     log(f"train_loader:dataset:{Path(train_files[0]).parent.name} train_shards:{len(train_files)}")
     compiled = maybe_compile(base_model, rt)
-    model = DDP(compiled, device_ids=[rt.device.index] if rt.cuda else None,
-                gradient_as_bucket_view=True) if rt.distributed else compiled
+    model = DDP(compiled, device_ids=[rt.device.index] if rt.cuda else None, gradient_as_bucket_view=True,
+                find_unused_parameters=hp.loop_untie_mlp) if rt.distributed else compiled  # idle before the switch
     orthogonalize = torch.compile(newton_schulz, dynamic=False) if rt.compile else newton_schulz
     optimizers = build_optimizers(base_model, hp, orthogonalize, fused=rt.cuda)
     log(f"tied_embed_lr:{hp.tied_embed_lr} matrix_lr:{hp.matrix_lr} scalar_lr:{hp.scalar_lr}")
@@ -1162,23 +1283,34 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, lu
         base_model.zero_grad(set_to_none=True)
         return total / rt.grad_accum
 
-    if hp.warmup_steps:  # compile priming on real batches, then every state is put back exactly
-        model_state = copy.deepcopy(base_model.state_dict())
+    scorer = Scorer(base_model, rt)
+    first_passes = loop_passes(0, 0.0, hp)
+    base_model.set_loop_passes(first_passes)
+    if hp.warmup_steps:  # compile priming on real batches, every loop shape the run will take, then every state
+        model_state = copy.deepcopy(base_model.state_dict())  # is put back exactly
         opt_states = {name: copy.deepcopy(opt.state_dict()) for name, opt in optimizers.items()}
         loader, warmup_start = new_loader(), time.perf_counter()
-        for i in range(hp.warmup_steps):
-            train_step(loader, 0, 1.0)
-            if hp.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == hp.warmup_steps:
-                log(f"warmup_step:{i + 1}/{hp.warmup_steps}")
+        eval_batch = torch.zeros(eval_batch_windows(hp, rt, hp.train_seq_len), hp.train_seq_len, dtype=torch.int64,
+                                 device=rt.device)
+        for passes in range(first_passes, len(hp.loop_starts) + 1):
+            base_model.set_loop_passes(passes)
+            for i in range(hp.warmup_steps):
+                train_step(loader, 0, 1.0)
+                if hp.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == hp.warmup_steps:
+                    log(f"warmup_step:{i + 1}/{hp.warmup_steps}" + f" loop_passes:{passes}" * bool(hp.loop))
+            base_model.eval()
+            with torch.inference_mode(), autocast(rt.device):  # the periodic eval's graph too
+                scorer.hidden(eval_batch)
+            base_model.train()
         sync(rt)
         log(f"warmup_time:{1000 * (time.perf_counter() - warmup_start):.0f}ms"
             + " (includes compilation)" * rt.compile)
         base_model.load_state_dict(model_state)
+        base_model.loop_passes = first_passes
         for name, opt in optimizers.items():
             opt.load_state_dict(opt_states[name])
     loader = new_loader()
 
-    scorer = Scorer(base_model, rt)
     average = WeightAverage(base_model, hp.ema_decay) if hp.ema_decay or hp.swa_enabled else None
     if hp.ema_decay and hp.swa_enabled:
         log("swa:off reason:EMA_DECAY")
@@ -1210,6 +1342,9 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, lu
             if step == stop_after and step < hp.iterations:
                 log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{hp.iterations}")
             break
+        if (passes := loop_passes(step, clock.at(step), hp)) != base_model.loop_passes:
+            base_model.set_loop_passes(passes)
+            log(f"loop:on step:{step} virtual_layers:{len(base_model.virtual_layers())}")
         scale = lr_multiplier(step, clock.at(step), hp)
         train_loss = train_step(loader, step, scale)
         step += 1

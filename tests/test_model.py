@@ -149,7 +149,7 @@ def test_rope_is_relative():
 
 def test_unet_skips_and_smear():
     model = small_model(XSA_LAST_N="0")
-    assert model.num_encoder == 2 and model.skip_weights.shape == (2, 64)
+    assert len(model.virtual_layers()) // 2 == 2 and model.skip_weights.shape == (2, 64)
     x = torch.randn(1, 4, 3)
     gate = tg.SmearGate(3)  # g = 0.5 at init: the average of the token and its predecessor
     out = gate(x)
