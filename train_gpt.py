@@ -1290,8 +1290,8 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, lu
         model_state = copy.deepcopy(base_model.state_dict())  # is put back exactly
         opt_states = {name: copy.deepcopy(opt.state_dict()) for name, opt in optimizers.items()}
         loader, warmup_start = new_loader(), time.perf_counter()
-        eval_batch = torch.zeros(eval_batch_windows(hp, rt, hp.train_seq_len), hp.train_seq_len, dtype=torch.int64,
-                                 device=rt.device)
+        eval_batch = torch.zeros(eval_batch_windows(hp, rt, hp.train_seq_len), hp.train_seq_len + 1,
+                                 dtype=torch.int64, device=rt.device)[:, :-1]  # the eval's inputs: a strided view
         for passes in range(first_passes, len(hp.loop_starts) + 1):
             base_model.set_loop_passes(passes)
             for i in range(hp.warmup_steps):
@@ -1695,16 +1695,18 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def exit_promptly_on_signals(rt: SimpleNamespace, log: Logger, progress: SimpleNamespace) -> None:
+@contextlib.contextmanager
+def exit_promptly_on_signals(rt: SimpleNamespace, log: Logger, progress: SimpleNamespace):
     """A rank blocked in a collective never runs Python's signal handlers (the peers it waits for may be gone), so
-    torchrun would wait out its grace period. A watcher thread, woken by the signal itself, gives the main thread
-    INTERRUPT_GRACE_S to stop cleanly, then says so and ends the process."""
+    torchrun would wait out its grace period. While the run lasts, a watcher thread woken by the signal itself
+    gives the main thread INTERRUPT_GRACE_S to stop cleanly, then says so and ends the process."""
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
-    signal.set_wakeup_fd(write_fd)
+    previous = signal.set_wakeup_fd(write_fd)
 
     def watch():
-        os.read(read_fd, 1)
+        if not os.read(read_fd, 1):  # the run ended without a signal
+            return os.close(read_fd)
         time.sleep(INTERRUPT_GRACE_S)
         if not progress.reported:
             message = interrupted_message(progress) + f" (rank {rt.rank} was blocked in a collective)"
@@ -1714,6 +1716,11 @@ def exit_promptly_on_signals(rt: SimpleNamespace, log: Logger, progress: SimpleN
         os._exit(130)
 
     threading.Thread(target=watch, daemon=True).start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(write_fd)
 
 
 def main() -> int:
@@ -1778,9 +1785,9 @@ def main() -> int:
     luts = [t.to(rt.device) for t in luts]
     progress = SimpleNamespace(step=0, train_ms=0.0, artifact=None, reported=False)
     signal.signal(signal.SIGTERM, interrupt)  # how torchrun stops its workers after a Ctrl-C
-    exit_promptly_on_signals(rt, log, progress)
     try:
-        status = run(hp, rt, log, code, wrapper, val, luts, train_files, artifact_state, progress)
+        with exit_promptly_on_signals(rt, log, progress):
+            status = run(hp, rt, log, code, wrapper, val, luts, train_files, artifact_state, progress)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -1,4 +1,6 @@
-"""Shared test helpers: where the real data lives, tiny datasets, and a tiny end-to-end torchrun launcher."""
+"""Shared test helpers: where the real data lives, the one tiny configuration, tiny datasets and models, and the
+two ways to run the script: in this process (tg.main(), fast) or as its own processes (python, or torchrun for
+several ranks; a driver script may stand in for train_gpt.py to patch it inside those processes)."""
 from __future__ import annotations
 
 import json
@@ -27,8 +29,8 @@ needs_shared = pytest.mark.skipif(
     reason=f"real tokenizer/documents not found in {SHARED_DATA} (set PG_SHARED_DATA to the shared data folder)",
 )
 
-# A model small enough to train a few dozen steps on 2 CPU cores in seconds; every feature of the default
-# architecture stays on (GQA, XSA, BigramHash, SmearGate, U-Net skips, SWA).
+# The one tiny configuration: small enough to train a few dozen steps on 2 CPU cores in seconds, with every
+# feature of the default architecture on (GQA, XSA, BigramHash, SmearGate, U-Net skips, SWA, 8 micro-steps).
 TINY_ENV = dict(
     NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="2", BIGRAM_VOCAB_SIZE="64",
     BIGRAM_DIM="16", XSA_LAST_N="1", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", EVAL_STRIDE="16",
@@ -36,13 +38,33 @@ TINY_ENV = dict(
     WARMUP_STEPS="2", WARMDOWN_ITERS="10", SWA_EVERY="2", MAX_WALLCLOCK_SECONDS="0", TRAIN_LOG_EVERY="10",
     MATRIX_LR="0.05", SCALAR_LR="0.05", TIED_EMBED_LR="0.1",
 )
+# A short run of the same model for tests that only need the run to happen: 4 steps of 512 tokens, one cheap
+# final eval.
+SHORT = dict(ITERATIONS="4", TRAIN_BATCH_TOKENS="512", WARMUP_STEPS="0", VAL_LOSS_EVERY="0", EVAL_STRIDE="0",
+             VAL_MAX_TOKENS="1024", WARMDOWN_ITERS="2")
 
 
-def build_tiny_dataset(out: Path, val_docs: int = 20) -> Path:
-    """Real FineWeb documents through the real tokenizer: the first `val_docs` documents are validation."""
+def tiny_model(seed: int = 0, perturb: float = 0.05, **env):
+    """The tiny configuration's model (env overrides), every tensor perturbed so that zero-initialised paths
+    (projections, the bigram table) carry signal; in eval mode. Returns (model, hyperparameters)."""
+    import torch
+
+    import train_gpt as tg
+
+    hp = tg.read_hyperparameters({**TINY_ENV, **env})
+    torch.manual_seed(seed)
+    model = tg.build_model(hp, torch.device("cpu"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(perturb * torch.randn_like(p))
+    return model.eval(), hp
+
+
+def build_tiny_dataset(out: Path, val_docs: int = 20, tokenizer: Path = TOKENIZER) -> Path:
+    """Real FineWeb documents through a real tokenizer: the first `val_docs` documents are validation."""
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
     docs = [json.loads(line)["text"] for line in DOCS.read_text(encoding="utf-8").splitlines()]
     streams = [np.concatenate([[sp.bos_id()] + sp.encode(d) for d in part]) for part in (docs[:val_docs], docs[val_docs:])]
     out.mkdir(parents=True, exist_ok=True)
@@ -53,21 +75,71 @@ def build_tiny_dataset(out: Path, val_docs: int = 20) -> Path:
     return out
 
 
+def script_env(data: Path, **env) -> dict[str, str]:
+    """The environment of a tiny run: TINY_ENV, the data, one CPU thread per process (overrides last)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    full.update(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=str(TOKENIZER), RUN_ID="tiny", CUDA_VISIBLE_DEVICES="",
+                OMP_NUM_THREADS="1")
+    full.update({k: str(v) for k, v in env.items()})
+    return full
+
+
 def run_tiny_training(workdir: Path, nproc: int = 1, data: Path | None = None, check: bool = True,
                       script: Path = REPO / "train_gpt.py", **env: str) -> subprocess.CompletedProcess:
-    """torchrun train_gpt.py (or a driver `script` that imports it) on CPU in `workdir` with TINY_ENV
-    (+ overrides); returns the finished process. The log is workdir/logs/<RUN_ID>.txt (RUN_ID defaults to 'tiny')."""
+    """train_gpt.py (or a driver `script` that imports it) as processes of its own: `python` for one, torchrun for
+    several, on CPU in `workdir` with TINY_ENV (+ overrides). The log is workdir/logs/<RUN_ID>.txt ('tiny')."""
     workdir.mkdir(parents=True, exist_ok=True)
     data = data or build_tiny_dataset(workdir / "data")
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    full_env.update(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=str(TOKENIZER), RUN_ID="tiny",
-                    CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    full_env.update({k: str(v) for k, v in env.items()})
-    cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", str(script)]
-    proc = subprocess.run(cmd, cwd=workdir, env=full_env, capture_output=True, text=True, timeout=900)
+    launcher = [sys.executable] if nproc == 1 else [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.run(launcher + [str(script)], cwd=workdir, env=script_env(data, **env), capture_output=True,
+                          text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"train_gpt.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_in_process(workdir: Path, data: Path, script: Path | None = None, **env: str) -> int:
+    """tg.main() in this process (no interpreter or torch start-up: seconds faster), or a `script` run as
+    __main__, with the environment of run_tiny_training, one thread as there; returns its exit status. What main()
+    sets for the whole process (the precision, the attention backend, the environment, the folder) is put back."""
+    import runpy
+
+    import torch
+
+    import train_gpt as tg
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    saved = tg.ACT_DTYPE, tg.USE_FA3, torch.get_num_threads()
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.clear()
+    os.environ.update(script_env(data, **env))
+    os.chdir(workdir)
+    torch.set_num_threads(1)
+    try:
+        if script is None:
+            return tg.main()
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exit:
+        return exit.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        tg.ACT_DTYPE, tg.USE_FA3 = saved[:2]
+        torch.set_num_threads(saved[2])
+
+
+def log_lines(workdir: Path, run_id: str = "tiny") -> list[str]:
+    return (workdir / "logs" / f"{run_id}.txt").read_text(encoding="utf-8").splitlines()
+
+
+def lines_starting(lines: list[str], prefix: str) -> list[str]:
+    return [line for line in lines if line.startswith(prefix)]
+
+
+def field(line: str, key: str) -> str:
+    """Value of `key:value` inside a log line."""
+    return line.split(f"{key}:", 1)[1].split()[0]
 
 
 def scorer_of(logits_fn):
@@ -78,15 +150,6 @@ def scorer_of(logits_fn):
         logits = logits_fn(x)[:, first:].float()
         return F.cross_entropy(logits.flatten(0, 1), y[:, first:].flatten(), reduction="none").view(len(y), -1)
     return score
-
-
-def log_lines(workdir: Path, run_id: str = "tiny") -> list[str]:
-    return (workdir / "logs" / f"{run_id}.txt").read_text(encoding="utf-8").splitlines()
-
-
-def field(line: str, key: str) -> str:
-    """Value of `key:value` inside a log line."""
-    return line.split(f"{key}:", 1)[1].split()[0]
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +172,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_data) -> Path:
-    """One finished single-process tiny run (training, artifact, final evals); returns its working directory."""
+    """One finished tiny run (training, artifact, final evals) in a process of its own; returns its folder."""
     workdir = tmp_path_factory.mktemp("tiny_run")
     run_tiny_training(workdir, data=tiny_data)
     return workdir

@@ -54,15 +54,18 @@ with open(f"rank{{rank}}.json", "w") as f:
 sys.exit(status)
 """
 
-# Capped at 3 s of training with a time-based warmdown over the last 15 steps' worth of time, a snapshot every
-# step once the LR multiplier is below 0.5, and TTT whose 0.6 s cap bites before the last of its 8 chunks.
-SKEWED = dict(MAX_WALLCLOCK_SECONDS="3", ITERATIONS="100000", WARMDOWN_ITERS="15", SWA_EVERY="1", VAL_LOSS_EVERY="0",
-              TTT_ENABLED="1", TTT_CHUNK_TOKENS="512", TTT_MAX_SECONDS="0.6", TRAIN_LOG_EVERY="1")
+# Capped at 2.5 s of training with a time-based warmdown over the last 10 steps' worth of time, a snapshot every
+# step once the LR multiplier is below 0.5, a loop switched on at half the budget, and TTT whose 0.6 s cap bites
+# before the last of its 8 chunks.
+SKEWED = dict(MAX_WALLCLOCK_SECONDS="2.5", ITERATIONS="100000", WARMDOWN_ITERS="10", SWA_EVERY="1",
+              VAL_LOSS_EVERY="0", LOOP_LAYERS="1-1", LOOP_START="0.5", TTT_ENABLED="1", TTT_CHUNK_TOKENS="512",
+              TTT_MAX_SECONDS="0.6", TRAIN_LOG_EVERY="1", WARMUP_STEPS="1")
 
 
 def ending(lines: list[str]) -> dict[str, str]:
-    """What a rank decided: where training stopped, the SWA count, where TTT stopped updating, the replica check."""
-    keys = ("stopping_early:", "swa:applying", "ttt:updates_stopped", "replicas:", "summary: steps:")
+    """What a rank decided: where training stopped, the SWA count, the loop switch, where TTT stopped updating, the
+    replica check."""
+    keys = ("stopping_early:", "swa:applying", "loop:on", "ttt:updates_stopped", "replicas:", "summary: steps:")
     return {k: next((re.sub(r"train_time:\d+ms ", "", line) for line in lines if line.startswith(k)), "")
             for k in keys}
 
@@ -75,7 +78,7 @@ def test_skewed_clocks_agree_on_every_decision(tmp_path, tiny_data, nproc):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
     endings = [ending(r["lines"]) for r in records]
-    assert endings[0]["stopping_early:"] and endings[0]["swa:applying"] and endings[0]["ttt:updates_stopped"]
+    assert all(endings[0][k] for k in ("stopping_early:", "swa:applying", "loop:on", "ttt:updates_stopped"))
     assert endings[0]["replicas:"] == f"replicas:identical ranks:{nproc}"
     assert all(e == endings[0] for e in endings[1:]), endings
     assert len({r["weights"] for r in records}) == 1 and {r["status"] for r in records} == {0}

@@ -2,61 +2,50 @@
 
 The bug this guards against: snapshots taken with `.float().cpu()` are the live fp32 tensors themselves on a CPU,
 so the running sum added every later snapshot into the weights being trained. The end-to-end tests run the real
-script through torchrun with a small driver that records, on rank 0, a copy of every snapshot the average takes
-and the state handed to the quantiser."""
+script in this process with a recorder that keeps a copy of every snapshot the average takes and of the state handed
+to the quantiser."""
 from __future__ import annotations
 
 import re
 
-import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO, TINY_ENV, log_lines, run_tiny_training
-
-DRIVER = f"""
-import sys, torch
-sys.path.insert(0, {str(REPO)!r})
-import train_gpt as tg
-
-snapshots, initial, live_at_end, exported = [], {{}}, {{}}, {{}}
-
-class Recording(tg.WeightAverage):
-    def __init__(self, model, decay=0.0):
-        super().__init__(model, decay)
-        initial.update({{k: v.detach().clone() for k, v in self.live.items()}})
-
-    def update(self):
-        super().update()
-        snapshots.append({{k: v.detach().clone() for k, v in self.live.items()}})
-
-    def averaged(self):
-        live_at_end.update({{k: v.detach().clone() for k, v in self.live.items()}})
-        return super().averaged()
-
-quantize = tg.quantize_state_dict
-
-def spy(state, *args, **kwargs):
-    exported.update({{k: v.detach().clone() for k, v in state.items()}})
-    return quantize(state, *args, **kwargs)
-
-tg.WeightAverage, tg.quantize_state_dict = Recording, spy
-status = tg.main()
-if int(__import__("os").environ.get("RANK", 0)) == 0:
-    torch.save(dict(snapshots=snapshots if len(snapshots) < 50 else snapshots[-1:], count=len(snapshots),
-                    initial=initial, live_at_end=live_at_end, exported=exported), "recorded.pt")
-sys.exit(status)
-"""
-
-# More snapshots than the default tiny run (steps 27-30: the LR multiplier is below 0.5 from step 26), and every train loss logged.
-SWA_ENV = dict(SWA_EVERY="1", TRAIN_LOG_EVERY="1")
+from conftest import TINY_ENV, log_lines, run_in_process, tiny_model
 
 
-def run_driver(workdir, tiny_data, nproc: int, **env):
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "driver.py").write_text(DRIVER)
-    run_tiny_training(workdir, nproc=nproc, data=tiny_data, script=workdir / "driver.py", **env)
-    return torch.load(workdir / "recorded.pt"), log_lines(workdir)
+def recorded_run(monkeypatch, workdir, tiny_data, **env):
+    """An in-process tiny run; returns what the weight average saw and what the quantiser was given, and the log."""
+    recorded = dict(snapshots=[], initial={}, live_at_end={}, exported={})
+
+    class Recording(tg.WeightAverage):
+        def __init__(self, model, decay=0.0):
+            super().__init__(model, decay)
+            recorded["initial"] = {k: v.detach().clone() for k, v in self.live.items()}
+
+        def update(self):
+            super().update()
+            recorded["snapshots"].append({k: v.detach().clone() for k, v in self.live.items()})
+
+        def averaged(self):
+            recorded["live_at_end"] = {k: v.detach().clone() for k, v in self.live.items()}
+            return super().averaged()
+
+    quantize = tg.quantize_state_dict
+
+    def spy(state, *args, **kwargs):
+        recorded["exported"] = {k: v.detach().clone() for k, v in state.items()}
+        return quantize(state, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tg, "WeightAverage", Recording)
+        patch.setattr(tg, "quantize_state_dict", spy)
+        assert run_in_process(workdir, tiny_data, **env) == 0
+    return recorded, log_lines(workdir)
+
+
+# 12 steps, a snapshot every step once the LR multiplier is below 0.5 (steps 11 and 12), every train loss logged.
+SWA_ENV = dict(ITERATIONS="12", WARMDOWN_ITERS="6", VAL_LOSS_EVERY="0", SWA_EVERY="1", TRAIN_LOG_EVERY="1")
 
 
 def train_losses(lines: list[str]) -> list[str]:
@@ -64,14 +53,13 @@ def train_losses(lines: list[str]) -> list[str]:
             if re.match(r"step:\d+/\d+ train_loss:", line)]
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_swa_changes_only_the_export(tmp_path, tiny_data, nproc):
-    recorded, with_swa = run_driver(tmp_path / "swa", tiny_data, nproc, **SWA_ENV)
-    run_tiny_training(tmp_path / "plain", nproc=nproc, data=tiny_data, SWA_ENABLED="0", **SWA_ENV)
+def test_swa_changes_only_the_export(tmp_path, tiny_data, monkeypatch):
+    recorded, with_swa = recorded_run(monkeypatch, tmp_path / "swa", tiny_data, **SWA_ENV)
+    assert run_in_process(tmp_path / "plain", tiny_data, SWA_ENABLED="0", **SWA_ENV) == 0
     without = log_lines(tmp_path / "plain")
-    assert len(train_losses(with_swa)) == 30
+    assert len(train_losses(with_swa)) == 12
     assert train_losses(with_swa) == train_losses(without)  # step by step, to the last digit
-    assert recorded["count"] == 4 and any(line.startswith("swa:applying averaged") for line in with_swa)
+    assert len(recorded["snapshots"]) == 2 and any(line.startswith("swa:applying averaged 2") for line in with_swa)
     # the exported weights are the mean of the snapshots, computed here in float64 from their copies
     for name, got in recorded["exported"].items():
         want = torch.stack([s[name].double() for s in recorded["snapshots"]]).mean(0)
@@ -85,10 +73,7 @@ def test_swa_changes_only_the_export(tmp_path, tiny_data, nproc):
 def test_ema_is_the_reference_recurrence():
     """After k steps, the EMA equals ema <- d * ema + (1 - d) * w computed here in fp32, starting at the weights
     it was created with; bf16 weights are averaged in fp32 and handed back in bf16."""
-    torch.manual_seed(0)
-    hp = tg.read_hyperparameters(dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2",
-                                      BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="16", XSA_LAST_N="1", VOCAB_SIZE="128"))
-    model = tg.build_model(hp, torch.device("cpu"))
+    model, _ = tiny_model()
     decay = 0.9
     ema = tg.WeightAverage(model, decay)
     reference = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
@@ -113,10 +98,7 @@ def test_ema_is_the_reference_recurrence():
 
 
 def test_swa_accumulators_never_alias_the_weights():
-    model = tg.build_model(tg.read_hyperparameters(dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4",
-                                                        NUM_KV_HEADS="2", BIGRAM_VOCAB_SIZE="0", VOCAB_SIZE="64",
-                                                        XSA_LAST_N="1")),
-                           torch.device("cpu"))
+    model, _ = tiny_model()
     swa = tg.WeightAverage(model)
     live = model.state_dict()
     assert all(a.data_ptr() != live[k].data_ptr() for k, a in swa.acc.items())
@@ -127,11 +109,11 @@ def test_swa_accumulators_never_alias_the_weights():
     assert all(torch.equal(swa.averaged()[k], first[k]) for k in live)
 
 
-def test_ema_exports_the_averaged_weights_not_the_live_ones(tmp_path, tiny_data):
-    recorded, lines = run_driver(tmp_path, tiny_data, 1, EMA_DECAY="0.9")
+def test_ema_exports_the_averaged_weights_not_the_live_ones(tmp_path, tiny_data, monkeypatch):
+    recorded, lines = recorded_run(monkeypatch, tmp_path, tiny_data, EMA_DECAY="0.9", **SWA_ENV)
     assert "ema:applying decay:0.9" in lines and "swa:off reason:EMA_DECAY" in lines
     assert not any(line.startswith(("swa:start", "swa:applying")) for line in lines)
-    assert recorded["count"] == 30  # one update per optimizer step
+    assert len(recorded["snapshots"]) == 12  # one update per optimizer step
     ema, live = recorded["snapshots"], recorded["live_at_end"]
     assert set(recorded["exported"]) == set(live)
     differs = 0

@@ -1,33 +1,15 @@
-"""train_gpt.py through torchrun on CPU: training, artifact, final lines, EVAL_ONLY, 2 ranks, bad input."""
-import os
+"""train_gpt.py end to end on CPU: training, the artifact and its counted code, final lines, EVAL_ONLY, two ranks,
+the warmup undone, the size limit, the summary."""
+import hashlib
 import re
-import subprocess
 import sys
 
 import pytest
 
 import train_gpt as tg
-from conftest import REPO, TINY_ENV, TOKENIZER, field, log_lines, run_tiny_training
+from conftest import REPO, SHORT, field, lines_starting, log_lines, run_in_process, run_tiny_training
 
 FINAL = ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact")
-
-
-def small_tokenizer(folder, vocab_size: int):
-    import json
-
-    import sentencepiece as spm
-
-    from conftest import DOCS
-
-    folder.mkdir(exist_ok=True)
-    texts = [json.loads(line)["text"] for line in DOCS.read_text(encoding="utf-8").splitlines()[:50]]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(folder / "sp"),
-                                   model_type="bpe", vocab_size=vocab_size, byte_fallback=True, minloglevel=2)
-    return folder / "sp.model"
-
-
-def lines_starting(lines, prefix):
-    return [line for line in lines if line.startswith(prefix)]
 
 
 def val_losses(lines):
@@ -45,32 +27,62 @@ def test_tiny_run_learns_and_reports_everything(tiny_run):
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.3  # steps 0, 15, 30
     assert lines_starting(lines, "swa:start step:") and lines_starting(lines, "swa:applying averaged")
     assert lines_starting(lines, "val_subset:VAL_MAX_TOKENS=4096")
+    assert "replicas:identical ranks:1" in lines
+    assert re.fullmatch(r"precision:(bf16|fp32) reason:CPU with(out)? native bf16", lines_starting(lines, "precision:")[0])
+    blob = (tiny_run / "final_model.int6.ptz").read_bytes()
     model_bytes = int(lines_starting(lines, "Serialized model int6+zstd:")[0].split()[3])
     code_bytes = int(lines_starting(lines, "Code size:")[0].split()[2])
     total = int(lines_starting(lines, "Total submission size int6+zstd:")[0].split()[4])
-    assert model_bytes == (tiny_run / "final_model.int6.ptz").stat().st_size
     (code_line,) = lines_starting(lines, "code: source_bytes:")
-    assert int(field(code_line, "source_bytes")) == len(code)
+    assert model_bytes == len(blob) and int(field(code_line, "source_bytes")) == len(code)
     assert code_bytes == int(field(code_line, "wrapper_bytes")) == len(tg.self_extracting(code)) < len(code) / 2
-    assert model_bytes + code_bytes == total
-    assert not lines_starting(lines, "size_limit:exceeded")
+    assert model_bytes + code_bytes == total and not lines_starting(lines, "size_limit:exceeded")
+    assert f"artifact:final_model.int6.ptz bytes:{len(blob)} sha256:{hashlib.sha256(blob).hexdigest()}" in lines
     for prefix in FINAL:
         (line,) = lines_starting(lines, prefix)
-        assert int(field(line, "tokens")) == 4096  # every validation target, scored once
+        assert int(field(line, "tokens")) == 4096 and line.endswith(" subset")  # every target, scored once
     roundtrip = float(field(lines_starting(lines, FINAL[0])[0], "val_loss"))
     assert abs(roundtrip - losses[-1]) < 0.1  # int6 round trip stays close to the (SWA-free) pre-quant loss
     assert lines_starting(lines, "final_int6_sliding_window val_loss:")[0].count("stride:16")
-    assert lines_starting(lines, "post_training_time:")
     assert not list(tiny_run.glob("*.tmp"))
 
 
+def test_the_summary_closes_the_log(tiny_run):
+    lines = log_lines(tiny_run)
+    summary = lines_starting(lines, "summary: ")
+    assert summary[0] == "summary: steps:30 train_time:" + field(summary[0], "train_time") + " stop:iterations"
+    bpb = dict(kv.split(":") for kv in summary[1].split()[2:-1])
+    assert summary[1].endswith(" subset") and set(bpb) == {"pre_quant", "averaged", "roundtrip", "sliding"}
+    assert bpb["sliding"] == field(lines_starting(lines, "final_int6_sliding_window ")[0], "val_bpb")
+    model, code = (int(field(lines_starting(lines, "summary: bytes")[0], k)) for k in ("model", "code"))
+    assert summary[2] == f"summary: bytes model:{model} code:{code} total:{model + code} limit:16000000 ok"
+    assert re.fullmatch(r"summary: budget evaluation:\d+ms = averaged \d+ \+ export \d+ \+ roundtrip \d+ \+ "
+                        r"sliding \d+, limit:600000ms on 8 GPUs unchecked \(this run: 1x cpu\)", summary[3])
+    train = [line for line in lines if re.match(r"step:\d+/\d+ train_loss", line)]
+    assert [field(line, "lr_mul") for line in train[-2:]] == ["1.0000", "0.1000"] and "time_left" not in train[-1]
+
+
 def test_eval_only_reproduces_the_exact_lines(tiny_run, tiny_data):
-    run_tiny_training(tiny_run, data=tiny_data, RUN_ID="again", EVAL_ONLY="final_model.int6.ptz")
+    assert run_in_process(tiny_run, tiny_data, RUN_ID="again", EVAL_ONLY="final_model.int6.ptz") == 0
     trained, again = log_lines(tiny_run), log_lines(tiny_run, "again")
-    assert lines_starting(again, "eval_only:final_model.int6.ptz")
-    assert not lines_starting(again, "step:")
+    assert lines_starting(again, "eval_only:final_model.int6.ptz") and not lines_starting(again, "step:")
     for prefix in FINAL + ("Serialized model int6+zstd:", "Total submission size"):
         assert lines_starting(again, prefix) == lines_starting(trained, prefix)
+
+
+def test_the_self_extracting_wrapper_is_the_script(tiny_run, tiny_data, tmp_path):
+    """The counted form runs as the script: trained from the wrapper, the tiny run's exact lines come back, and
+    the wrapper's own EVAL_ONLY re-scores them; it counts itself and its log embeds the readable source."""
+    wrapper = tmp_path / "train_gpt.py"
+    wrapper.write_bytes(tg.self_extracting((REPO / "train_gpt.py").read_bytes()))
+    assert run_in_process(tmp_path, tiny_data, script=wrapper) == 0
+    assert run_in_process(tmp_path, tiny_data, script=wrapper, RUN_ID="again", EVAL_ONLY="final_model.int6.ptz") == 0
+    for run_id in ("tiny", "again"):
+        lines = log_lines(tmp_path, run_id)
+        for prefix in FINAL:
+            assert lines_starting(lines, prefix) == lines_starting(log_lines(tiny_run), prefix)
+        assert lines_starting(lines, "Code size:") == [f"Code size: {wrapper.stat().st_size} bytes"]
+    assert (tmp_path / "logs" / "again.txt").read_bytes().startswith((REPO / "train_gpt.py").read_bytes())
 
 
 def test_two_ranks_equal_one_rank_with_twice_the_accumulation(tmp_path, tiny_run, tiny_data):
@@ -81,6 +93,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_accumulation(tmp_path, tiny_run
     a, b = val_losses(one), val_losses(two)
     assert a[0] == b[0]  # same initial weights, same validation split across ranks
     assert max(abs(x - y) for x, y in zip(a, b)) < 0.02  # same data; only bf16 summation order differs
+    assert "replicas:identical ranks:2" in two
     for prefix in FINAL:
         x, y = (lines_starting(lines, prefix)[0] for lines in (one, two))
         assert field(x, "tokens") == field(y, "tokens") and field(x, "bytes") == field(y, "bytes")
@@ -88,80 +101,59 @@ def test_two_ranks_equal_one_rank_with_twice_the_accumulation(tmp_path, tiny_run
 
 def test_compile_warmup_is_fully_undone(tmp_path, tiny_run, tiny_data):
     """WARMUP_STEPS trains real steps, then restores weights, optimizer state and data position exactly."""
-    run_tiny_training(tmp_path, data=tiny_data, WARMUP_STEPS="0", ITERATIONS="15")
+    assert run_in_process(tmp_path, tiny_data, WARMUP_STEPS="0", ITERATIONS="15") == 0
 
     def early(lines):  # steps 0-7: lr_mul is still 1 with either ITERATIONS (warmdown is the last 10 steps)
-        return [re.sub(r"/\d+ ", " ", l.split(" train_time")[0]) for l in lines
-                if re.match(r"step:[0-7]/\d+ (val|train)_loss", l)]
+        return [re.sub(r"/\d+ ", " ", line.split(" train_time")[0]) for line in lines
+                if re.match(r"step:[0-7]/\d+ (val|train)_loss", line)]
 
     assert len(early(log_lines(tiny_run))) == 8
     assert early(log_lines(tiny_run)) == early(log_lines(tmp_path))  # bit-identical losses
 
 
-def run_main_in_process(monkeypatch, workdir, tiny_data, **env):
-    monkeypatch.chdir(workdir)
-    for key in ("RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
-    full = {**TINY_ENV, "DATA_PATH": str(tiny_data), "TOKENIZER_PATH": str(TOKENIZER), **env}
-    monkeypatch.setattr(os, "environ", {**os.environ, **full})
-    return tg.main()
-
-
 def test_over_the_size_limit_is_loud_and_fails(tiny_run, tiny_data, monkeypatch):
-    """In-process, with the limit lowered below the tiny artifact's size."""
-    monkeypatch.setattr(tg, "SIZE_LIMIT_BYTES", 100_000)
-    assert run_main_in_process(monkeypatch, tiny_run, tiny_data, RUN_ID="oversize",
-                               EVAL_ONLY="final_model.int6.ptz") == 1
+    monkeypatch.setattr(tg, "SIZE_LIMIT_BYTES", 100_000)  # below the tiny artifact
+    assert run_in_process(tiny_run, tiny_data, RUN_ID="oversize", EVAL_ONLY="final_model.int6.ptz") == 1
     lines = log_lines(tiny_run, "oversize")
     (over,) = lines_starting(lines, "size_limit:exceeded")
     total = int(lines_starting(lines, "Total submission size int6+zstd:")[0].split()[4])
     assert over == f"size_limit:exceeded total:{total} limit:100000 over_by:{total - 100_000}"
     assert all(lines_starting(lines, prefix) for prefix in FINAL)  # the evaluations still ran
+    assert lines_starting(lines, "summary: bytes")[0].endswith(" exceeded")
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"NUM_LAYERS": "eleven"}, "NUM_LAYERS='eleven' is not a valid int"),
-    ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS=1000 must split into"),
-    ({"TOKENIZER_PATH": "nowhere.model"}, "TOKENIZER_PATH=nowhere.model"),
-    ({"VOCAB_SIZE": "2048"}, "VOCAB_SIZE=2048"),
-    ({"TRAIN_FILES": "nothing_*.bin"}, "TRAIN_FILES=nothing_*.bin: no files match"),
-    ({"EVAL_ONLY": "missing.ptz"}, "EVAL_ONLY=missing.ptz: no such artifact file"),
-    ({"NUM_KV_HEADS": "3"}, "must be a multiple of NUM_KV_HEADS=3"),
-    ({"VOCAB_SIZE": "512", "TOKENIZER_PATH": "SMALL"}, ">= VOCAB_SIZE=512 (data from another tokenizer?)"),
-    ({"EMA_DECAY": "1"}, "EMA_DECAY=1.0 must lie in [0, 1)"),
-    ({"ROPE_DIMS": "7"}, "ROPE_DIMS=7 must be 0 (whole head) or even in [2, head dim 16]"),
-    ({"ATTENTION": "fa3"}, "ATTENTION=fa3: FlashAttention-3 is unusable (flash_attn_interface is not installed)"),
-    ({"QUANT_METHOD": "gptq", "MAX_WALLCLOCK_SECONDS": "5", "GPTQ_RESERVE_SECONDS": "5"}, "GPTQ_RESERVE_SECONDS=5.0"),
-])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_data, env, message):
-    if env.get("TOKENIZER_PATH") == "SMALL":  # a real 512-piece tokenizer, so only the data disagrees
-        env["TOKENIZER_PATH"] = str(small_tokenizer(tmp_path.parent / "sp512", 512))
-    full = {**os.environ, **TINY_ENV, "DATA_PATH": str(tiny_data), "TOKENIZER_PATH": str(TOKENIZER), **env}
-    proc = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=tmp_path, env=full,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: {proc.stderr.strip()[7:]}"] and message in proc.stderr
-    assert list(tmp_path.iterdir()) == []  # no log, no artifact
+def test_short_uncapped_runs_warn_and_full_validation_is_not_a_subset(tmp_path, tiny_data):
+    assert run_in_process(tmp_path, tiny_data, ITERATIONS="4", WARMUP_STEPS="0", VAL_LOSS_EVERY="0",
+                          EVAL_STRIDE="0", VAL_MAX_TOKENS="0") == 0
+    lines = log_lines(tmp_path)
+    assert "warning: WARMDOWN_ITERS=10 > ITERATIONS=4: the learning rate starts at 0.400 of its value and only " \
+           "decays" in lines
+    finals = lines_starting(lines, "final_int6_")
+    assert len(finals) == 2 and not any("subset" in line for line in finals)  # EVAL_STRIDE=0: no sliding eval
+    assert int(field(finals[1], "tokens")) > 4096 and not lines_starting(lines, "val_subset:")
 
 
-def test_stride_zero_skips_the_sliding_eval(tiny_run, tiny_data, monkeypatch):
-    assert run_main_in_process(monkeypatch, tiny_run, tiny_data, RUN_ID="nostride", EVAL_STRIDE="0",
-                               EVAL_ONLY="final_model.int6.ptz") == 0
-    lines = log_lines(tiny_run, "nostride")
-    assert lines_starting(lines, "final_int6_roundtrip_exact") == lines_starting(log_lines(tiny_run), FINAL[0])
-    assert not lines_starting(lines, "final_int6_sliding_window")
+def test_precision_fp32_runs_without_autocast(tmp_path, tiny_data):
+    """PRECISION=fp32 (what auto picks on a CPU without native bf16) trains the same model as bf16, within bf16's
+    rounding; the log says which precision ran and why."""
+    for precision in ("bf16", "fp32"):
+        assert run_in_process(tmp_path / precision, tiny_data, PRECISION=precision, **SHORT) == 0
+    lines = {p: log_lines(tmp_path / p) for p in ("bf16", "fp32")}
+    assert "precision:fp32 reason:PRECISION=fp32" in lines["fp32"]
+    bf16, fp32 = (float(field(lines_starting(lines[p], FINAL[0])[0], "val_loss")) for p in ("bf16", "fp32"))
+    assert bf16 != fp32 and abs(bf16 - fp32) < 0.02
+    assert tg.choose_precision("auto", cuda=True) == (tg.torch.bfloat16, "CUDA")
+    native = tg.torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert tg.choose_precision("auto", cuda=False)[0] == (tg.torch.bfloat16 if native else tg.torch.float32)
 
 
-def test_missing_zstandard_is_an_error_not_a_fallback(tmp_path, tiny_data, monkeypatch):
-    monkeypatch.setitem(sys.modules, "zstandard", None)  # makes `import zstandard` raise ImportError
-    with pytest.raises(tg.InputError, match=r"zstandard package \(>= 0.22\) is required"):
-        run_main_in_process(monkeypatch, tmp_path, tiny_data)
-    assert list(tmp_path.iterdir()) == []  # refused before training, nothing written
-
-
-def test_zstandard_too_old_for_multi_frame_artifacts_is_an_error(monkeypatch):
+def test_missing_or_old_zstandard_is_an_error_not_a_fallback(tmp_path, tiny_data, monkeypatch):
     import types
 
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # makes `import zstandard` raise ImportError
+    with pytest.raises(tg.InputError, match=r"zstandard package \(>= 0.22\) is required"):
+        run_in_process(tmp_path, tiny_data)
+    assert list(tmp_path.iterdir()) == []  # refused before training, nothing written
     monkeypatch.setitem(sys.modules, "zstandard", types.SimpleNamespace(__version__="0.21.0"))
     with pytest.raises(tg.InputError, match=r"zstandard package \(>= 0.22\) is required"):
         tg.compressor()

@@ -17,14 +17,13 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import scorer_of
+from conftest import TINY_ENV, scorer_of, tiny_model
 
 CPU = torch.device("cpu")
 EAGER = SimpleNamespace(compile=False)
 REPO = Path(__file__).resolve().parent.parent
 V = 64
-TINY_EVAL_ENV = dict(NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2",
-                     VOCAB_SIZE=str(V), BIGRAM_VOCAB_SIZE="16", BIGRAM_DIM="8", XSA_LAST_N="1", TRAIN_SEQ_LEN="32")
+TINY_EVAL_ENV = dict(TINY_ENV, VOCAB_SIZE=str(V), TRAIN_SEQ_LEN="32")  # the tiny model over 64 random tokens
 
 
 def make_luts(vocab: int = V, seed: int = 0):
@@ -48,15 +47,8 @@ def all_target_bytes(toks: torch.Tensor, luts) -> int:
     return int(tg.target_bytes(toks[:-1], toks[1:], luts).sum())
 
 
-def tiny_model(seed: int = 0) -> tuple[tg.GPT, object]:
-    hp = tg.read_hyperparameters(TINY_EVAL_ENV)
-    torch.manual_seed(seed)
-    model = tg.build_model(hp, CPU)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # zero-init projections would make every block a no-op: perturb everything
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.1)
-    return model.eval(), hp
+def eval_model(seed: int = 0) -> tuple[tg.GPT, object]:
+    return tiny_model(seed, perturb=0.1, **TINY_EVAL_ENV)
 
 
 def fp32_logits_fn(model: tg.GPT):
@@ -205,7 +197,7 @@ def brute_force(logits_fn, toks: torch.Tensor, window: int, stride: int, use_aut
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_model(seed=0)
+    return eval_model(seed=0)
 
 
 @pytest.mark.parametrize("total,window,stride,batch", [(101, 32, 8, 3), (70, 16, 5, 4), (24, 32, 8, 2)])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO, TORCHRUN, field, log_lines, run_tiny_training
+from conftest import REPO, TINY_ENV, TORCHRUN, field, log_lines, run_in_process
 from test_quant import pack
 
 GEN = torch.Generator().manual_seed(0)
@@ -75,8 +75,8 @@ def test_gptq_dead_inputs_and_determinism():
 
 
 def test_gptq_falls_back_to_clipsearch_when_the_hessian_is_broken():
-    hp = tg.read_hyperparameters(dict(NUM_LAYERS="1", MODEL_DIM="96", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="8",
-                                      BIGRAM_VOCAB_SIZE="0", VOCAB_SIZE="128", XSA_LAST_N="1"))
+    hp = tg.read_hyperparameters({**TINY_ENV, "NUM_LAYERS": "1", "MODEL_DIM": "96", "NUM_HEADS": "2",
+                                  "NUM_KV_HEADS": "1", "MLP_MULT": "8", "BIGRAM_VOCAB_SIZE": "0"})
     torch.manual_seed(0)
     state = {k: v + 0.1 * torch.randn_like(v) for k, v in tg.build_model(hp, torch.device("cpu")).state_dict().items()}
     names = [k for k, v in state.items() if tg.quant_route(k, v, hp.control_patterns) == "int6"]
@@ -132,8 +132,7 @@ dist.destroy_process_group()
 
 
 def test_matrices_spread_over_two_ranks_give_the_one_rank_result(tmp_path):
-    hp = tg.read_hyperparameters(dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1",
-                                      MLP_MULT="17", BIGRAM_VOCAB_SIZE="0", VOCAB_SIZE="128", XSA_LAST_N="1"))
+    hp = tg.read_hyperparameters({**TINY_ENV, "NUM_LAYERS": "2", "MLP_MULT": "17", "BIGRAM_VOCAB_SIZE": "0"})
     torch.manual_seed(0)
     state = {k: v + 0.1 * torch.randn_like(v.float()).to(v.dtype)
              for k, v in tg.build_model(hp, torch.device("cpu")).state_dict().items()}
@@ -153,41 +152,9 @@ def test_matrices_spread_over_two_ranks_give_the_one_rank_result(tmp_path):
         assert tensors.keys() == one.keys() and all(torch.equal(tensors[k], one[k]) for k in one)
 
 
-def test_bad_quant_settings_are_input_errors():
-    for env, message in [({"QUANT_METHOD": "awq"}, "QUANT_METHOD=awq must be rowmax, clipsearch or gptq"),
-                         ({"QUANT_METHOD": "gptq", "GPTQ_RESERVE_SECONDS": "600"}, "must be below MAX_WALLCLOCK"),
-                         ({"GPTQ_CALIB_SEQS": "0"}, "GPTQ_CALIB_SEQS must be positive")]:
-        with pytest.raises(tg.InputError, match=message):
-            tg.read_hyperparameters(env)
-
-
-NO_TRAIN_DATA_AFTER_CALIBRATION = f"""
-import sys
-sys.path.insert(0, {str(REPO)!r})
-import train_gpt as tg
-
-phase = ["training"]
-take = tg.TokenStream.take
-
-def guarded_take(self, n):
-    assert phase[0] == "training", "training data read after calibration"
-    return take(self, n)
-
-quantize = tg.quantize_state_dict
-
-def quantize_then_close(*args, **kwargs):
-    out = quantize(*args, **kwargs)
-    phase[0] = "evaluation"
-    print("calibration:closed", flush=True)
-    return out
-
-tg.TokenStream.take, tg.quantize_state_dict = guarded_take, quantize_then_close
-sys.exit(tg.main())
-"""
-
 # MLP_MULT=17: the tiny model's MLP matrices (1088 x 64) are over the 65,536-value passthrough size, so int6 + GPTQ
-CAPPED = dict(QUANT_METHOD="gptq", GPTQ_CALIB_SEQS="6", MAX_WALLCLOCK_SECONDS="8", ITERATIONS="100000",
-              VAL_LOSS_EVERY="0", WARMDOWN_ITERS="20", MLP_MULT="17")
+CAPPED = dict(QUANT_METHOD="gptq", GPTQ_CALIB_SEQS="6", MAX_WALLCLOCK_SECONDS="4", ITERATIONS="100000",
+              VAL_LOSS_EVERY="0", WARMDOWN_ITERS="20", MLP_MULT="17", WARMUP_STEPS="0", EVAL_STRIDE="0")
 
 
 def budget(lines):
@@ -195,34 +162,45 @@ def budget(lines):
     return {k: int(field(line, k)) for k in ("train_ms", "calib_ms", "total_ms", "limit_ms")}
 
 
-def test_gptq_run_reserves_its_time_and_reads_no_training_data_after(tmp_path, tiny_data):
-    (tmp_path / "driver.py").write_text(NO_TRAIN_DATA_AFTER_CALIBRATION)
-    proc = run_tiny_training(tmp_path, data=tiny_data, script=tmp_path / "driver.py", GPTQ_RESERVE_SECONDS="3",
-                             **CAPPED)
-    assert "calibration:closed" in proc.stdout
+def test_gptq_run_reserves_its_time_and_reads_no_training_data_after(tmp_path, tiny_data, monkeypatch):
+    phase, take, quantize = ["training"], tg.TokenStream.take, tg.quantize_state_dict
+
+    def guarded_take(self, n):
+        assert phase[0] == "training", "training data read after calibration"
+        return take(self, n)
+
+    def quantize_then_close(*args, **kwargs):
+        out = quantize(*args, **kwargs)
+        phase[0] = "evaluation"
+        return out
+
+    monkeypatch.setattr(tg.TokenStream, "take", guarded_take)
+    monkeypatch.setattr(tg, "quantize_state_dict", quantize_then_close)
+    assert run_in_process(tmp_path, tiny_data, GPTQ_RESERVE_SECONDS="2", **CAPPED) == 0
+    assert phase[0] == "evaluation"
     lines = log_lines(tmp_path)
     b = budget(lines)
-    assert b["limit_ms"] == 8000 and abs(b["train_ms"] + b["calib_ms"] - b["total_ms"]) <= 1
-    step_ms = float(field([l for l in lines if re.match(r"step:\d+/\d+ val_loss", l)][-1], "step_avg")[:-2])
-    assert 5000 - 3 * step_ms <= b["train_ms"] <= 5000  # the loop never passes cap - reserve
-    assert b["total_ms"] <= 8000 and not any(line.startswith("budget:exceeded") for line in lines)
-    assert any(re.match(r"quant:int6 method:gptq clip:per_row rows:\d+ scale_floor_rows:\d+ clipped:[\d.]+ weight_mse:", l)
-               for l in lines)
+    assert b["limit_ms"] == 4000 and abs(b["train_ms"] + b["calib_ms"] - b["total_ms"]) <= 1
+    step_ms = float(field([line for line in lines if line.startswith("step:")][-1], "step_avg")[:-2])
+    assert 2000 - 3 * step_ms <= b["train_ms"] <= 2000  # the loop never passes cap - reserve
+    assert b["total_ms"] <= 4000 and not any(line.startswith("budget:exceeded") for line in lines)
+    assert any(re.match(r"quant:int6 method:gptq clip:per_row rows:\d+ scale_floor_rows:\d+ clipped:[\d.]+ weight_mse:",
+                        line) for line in lines)
     assert any(line.startswith("summary: budget training:") and line.endswith(" ok") for line in lines)
     # the artifact is an ordinary one: EVAL_ONLY re-scores it to the same digits
-    run_tiny_training(tmp_path, data=tiny_data, RUN_ID="again", EVAL_ONLY="final_model.int6.ptz", MLP_MULT="17")
-    again = log_lines(tmp_path, "again")
-    for prefix in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact"):
-        assert [l for l in again if l.startswith(prefix)] == [l for l in lines if l.startswith(prefix)]
+    monkeypatch.undo()
+    assert run_in_process(tmp_path, tiny_data, RUN_ID="again", EVAL_ONLY="final_model.int6.ptz", MLP_MULT="17",
+                          EVAL_STRIDE="0") == 0
+    line = "final_int6_roundtrip_exact"
+    assert [x for x in log_lines(tmp_path, "again") if x.startswith(line)] == [x for x in lines if x.startswith(line)]
 
 
 def test_gptq_over_its_budget_is_loud_and_fails(tmp_path, tiny_data):
-    proc = run_tiny_training(tmp_path, data=tiny_data, check=False, GPTQ_RESERVE_SECONDS="0", **CAPPED)
-    assert proc.returncode == 1
+    assert run_in_process(tmp_path, tiny_data, GPTQ_RESERVE_SECONDS="0", **CAPPED) == 1
     lines = log_lines(tmp_path)
     b = budget(lines)
-    assert b["total_ms"] > b["limit_ms"] == 8000
+    assert b["train_ms"] <= b["limit_ms"] == 4000 < b["total_ms"]
     (over,) = [line for line in lines if line.startswith("budget:exceeded")]
-    assert over.startswith(f"budget:exceeded training total_ms:{b['total_ms']} limit_ms:8000")
-    assert any(line.startswith("final_int6_sliding_window_exact") for line in lines)  # the evals still ran
+    assert over.startswith(f"budget:exceeded training total_ms:{b['total_ms']} limit_ms:4000")
+    assert any(line.startswith("final_int6_roundtrip_exact") for line in lines)  # the evals still ran
     assert any(line.startswith("summary: budget training:") and line.endswith(" exceeded") for line in lines)

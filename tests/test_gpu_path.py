@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
+from conftest import tiny_model
 
 CPU = torch.device("cpu")
-SMALL = dict(NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", BIGRAM_VOCAB_SIZE="64",
-             BIGRAM_DIM="16", XSA_LAST_N="2", TRAIN_SEQ_LEN="32", VOCAB_SIZE="128")
 
 
 def fp32_rms_norm(monkeypatch):
@@ -38,7 +37,7 @@ def test_bf16_everywhere_under_an_fp32_norm_policy(monkeypatch, flags):
 
     monkeypatch.setattr(tg, "causal_attention", recording_attention)
     torch.manual_seed(0)
-    model = tg.build_model(tg.read_hyperparameters({**SMALL, **flags}), CPU)
+    model, _ = tiny_model(**{"NUM_LAYERS": "4", "XSA_LAST_N": "2", **flags})
     blocks = []
     for block in model.blocks:
         block.register_forward_hook(lambda module, args, out: blocks.append((out.dtype, args[0].dtype, args[1].dtype)))

@@ -4,20 +4,14 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import tiny_model
 
 CPU = torch.device("cpu")
-SMALL = dict(NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", BIGRAM_VOCAB_SIZE="64",
-             BIGRAM_DIM="16", XSA_LAST_N="2", TRAIN_SEQ_LEN="32", VOCAB_SIZE="128")
 
 
 def small_model(seed: int = 0, **env) -> tg.GPT:
-    """A small model with every zero-initialised tensor perturbed, so that every path carries signal."""
-    torch.manual_seed(seed)
-    model = tg.build_model(tg.read_hyperparameters({**SMALL, **env}), CPU)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    """The tiny model with 4 layers, XSA on the last 2, every zero-initialised tensor perturbed."""
+    return tiny_model(seed, **{"NUM_LAYERS": "4", "XSA_LAST_N": "2", **env})[0]
 
 
 def test_default_parameter_count_and_names(default_model):

@@ -62,7 +62,9 @@ def test_muon_step_matches_its_definition():
 
 def test_parameter_groups_of_the_default_model(default_model):
     model = default_model
-    muon, adamw = tg.build_optimizers(model, SEED_HP, tg.newton_schulz, fused=False)
+    optimizers = tg.build_optimizers(model, SEED_HP, tg.newton_schulz, fused=False)
+    assert list(optimizers) == ["muon", "adam"]
+    muon, adamw = optimizers["muon"], optimizers["adam"]
     names = {id(p): n for n, p in model.named_parameters()}
     matrices = {names[id(p)] for p in muon.param_groups[0]["params"]}
     assert len(matrices) == 67 and "bigram.proj.weight" in matrices

@@ -8,27 +8,19 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import TINY_ENV, tiny_model
 
 CPU = torch.device("cpu")
 FP16 = torch.float16
 
-# Small, but each route is exercised: mlp.fc/mlp.proj 768x96 (73,728 > 65,536) -> int6, tok_emb 1024x96 and
-# bigram.embed 1040x64 -> int8, attention matrices 96x96 and everything else -> fp16 passthrough.
-TINY_QUANT_ENV = dict(NUM_LAYERS="2", MODEL_DIM="96", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="8",
-                      VOCAB_SIZE="1024", BIGRAM_VOCAB_SIZE="1040", BIGRAM_DIM="64", XSA_LAST_N="1",
-                      TRAIN_SEQ_LEN="32")
+# The tiny model, resized so that each route is exercised: mlp.fc/mlp.proj 768x96 (73,728 > 65,536) -> int6,
+# tok_emb 1024x96 and bigram.embed 1040x64 -> int8, attention matrices 96x96 and everything else -> fp16 passthrough.
+QUANT = dict(NUM_LAYERS="2", MODEL_DIM="96", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="8", BIGRAM_VOCAB_SIZE="1040",
+             BIGRAM_DIM="64", TRAIN_SEQ_LEN="32")
 
 
-def tiny_model(seed: int = 0, **overrides: str) -> tuple[tg.GPT, object]:
-    """A tiny model of the real class and dtype policy, every parameter perturbed so nothing is zero-init."""
-    hp = tg.read_hyperparameters({**TINY_QUANT_ENV, **overrides})
-    torch.manual_seed(seed)
-    model = tg.build_model(hp, CPU)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.05)
-    return model.eval(), hp
+def quant_model(seed: int = 0, **overrides: str) -> tuple[tg.GPT, object]:
+    return tiny_model(seed, **{**QUANT, **overrides})
 
 
 def pack(state, control_patterns, method="rowmax", hessians=None):
@@ -139,8 +131,8 @@ def test_control_pattern_route_and_non_float_passthrough():
     assert tg.quant_route("blocks.0.attn_scale", big, pats) == "passthrough_ctrl"
     assert tg.quant_route("blocks.0.attn_scale", torch.zeros(65_536), pats) == "passthrough"
     assert tg.quant_route("blocks.0.mlp.fc.weight", torch.zeros(300, 300, dtype=torch.int64), pats) == "passthrough"
-    assert tg.quant_route("foo.proj.weight", torch.zeros(512, 512), pats) == "int6"
-    assert tg.quant_route("other.weight", torch.zeros(512, 512), pats) == "int8"
+    assert tg.quant_route("blocks.3.loop_mlps.0.fc.weight", torch.zeros(512, 512), pats) == "int6"  # block matrices
+    assert tg.quant_route("tok_emb.weight", torch.zeros(1024, 512), pats) == "int8"  # the rest: the tables
 
 
 def test_default_model_quantised_storage_and_dequantised_dtypes(default_model):
@@ -176,7 +168,7 @@ def test_default_model_quantised_storage_and_dequantised_dtypes(default_model):
 # ------------------------------------------------------------------------------------------------- the artifact
 
 def test_artifact_round_trip_dtypes_shapes_and_values():
-    model, hp = tiny_model()
+    model, hp = quant_model()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     blob, stats = pack(state, hp.control_patterns)
     assert isinstance(blob, bytes) and blob[:4] == b"\x28\xb5\x2f\xfd", "zstd frame magic"
@@ -200,7 +192,7 @@ def test_artifact_round_trip_dtypes_shapes_and_values():
 
 def test_small_bf16_embeddings_pass_through_and_come_back_bf16():
     """Embeddings small enough for fp16 passthrough are stored fp16 and restored to their bf16 reference dtype."""
-    model, hp = tiny_model(VOCAB_SIZE="256", BIGRAM_VOCAB_SIZE="16")
+    model, hp = quant_model(VOCAB_SIZE="256", BIGRAM_VOCAB_SIZE="16")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     _, meta, _, _ = tg.quantize_state_dict(state, hp.control_patterns)
     assert meta["tok_emb.weight"] == meta["bigram.embed.weight"] == "passthrough"
@@ -213,7 +205,7 @@ def test_small_bf16_embeddings_pass_through_and_come_back_bf16():
 
 
 def test_artifact_is_deterministic_and_content_sensitive():
-    model, hp = tiny_model()
+    model, hp = quant_model()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     blob1, _ = pack(state, hp.control_patterns)
     again = {k: v.clone() for k, v in state.items()}
@@ -228,12 +220,12 @@ def test_artifact_is_deterministic_and_content_sensitive():
 
 
 def test_unpack_against_model_with_more_layers_raises_input_error():
-    model, hp = tiny_model()
+    model, hp = quant_model()
     blob, _ = pack(model.state_dict(), hp.control_patterns)
-    other, _ = tiny_model(NUM_LAYERS="3")
+    other, _ = quant_model(NUM_LAYERS="3")
     with pytest.raises(tg.InputError):
         tg.unpack_artifact(blob, other.state_dict())
-    no_bigram, _ = tiny_model(BIGRAM_VOCAB_SIZE="0")
+    no_bigram, _ = quant_model(BIGRAM_VOCAB_SIZE="0")
     with pytest.raises(tg.InputError):
         tg.unpack_artifact(blob, no_bigram.state_dict())
 
@@ -242,16 +234,16 @@ def test_unpack_against_model_with_more_layers_raises_input_error():
 def test_unpack_against_model_with_other_shapes_raises_input_error(override):
     """Same tensor names, different shapes (width, vocab, MLP): SPEC A5 asks for a one-line InputError that names
     the mismatch, not a tensor of the wrong shape handed to load_state_dict (a RuntimeError traceback)."""
-    model, hp = tiny_model()
+    model, hp = quant_model()
     blob, _ = pack(model.state_dict(), hp.control_patterns)
-    other, _ = tiny_model(**override)
+    other, _ = quant_model(**override)
     assert set(other.state_dict()) == set(model.state_dict())
     with pytest.raises(tg.InputError):
         tg.unpack_artifact(blob, other.state_dict())
 
 
 def test_quantised_model_still_predicts():
-    model, hp = tiny_model(seed=3)
+    model, hp = quant_model(seed=3)
     blob, _ = pack(model.state_dict(), hp.control_patterns)
     fresh = tg.build_model(hp, CPU)
     fresh.load_state_dict(tg.unpack_artifact(blob, fresh.state_dict()), strict=True)
@@ -271,7 +263,7 @@ def test_quantised_model_still_predicts():
     assert cos > 0.95, cos
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     assert agree > 0.85, f"argmax agreement {agree:.2f}"
-    unrelated, _ = tiny_model(seed=13)
+    unrelated, _ = quant_model(seed=13)
     with torch.no_grad(), tg.autocast(CPU):
         c = unrelated.logits(unrelated.hidden(ids))
     assert ((a - c).norm() / a.norm()).item() > 4 * rel
@@ -280,7 +272,7 @@ def test_quantised_model_still_predicts():
 def trained_like_state(seed: int = 0):
     """The default model's tensors with trained-like values: heavy-tailed rows of varied scale, most of them above
     the int6 scale floor (as in the records' trained checkpoints, whose artifacts are ~15.8 MB)."""
-    hp = tg.read_hyperparameters({**TINY_QUANT_ENV, "NUM_LAYERS": "3"})
+    hp = tg.read_hyperparameters({**TINY_ENV, **QUANT, "NUM_LAYERS": "3"})
     torch.manual_seed(seed)
     state = tg.build_model(hp, CPU).state_dict()
     gen = torch.Generator().manual_seed(seed)

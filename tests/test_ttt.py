@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import field, log_lines, run_tiny_training
+from conftest import TINY_ENV, field, log_lines, run_in_process, run_tiny_training
 
 CPU = torch.device("cpu")
-SMALL = dict(NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", BIGRAM_VOCAB_SIZE="64",
-             BIGRAM_DIM="16", XSA_LAST_N="1", TRAIN_SEQ_LEN="16", EVAL_SEQ_LEN="32", EVAL_STRIDE="8",
-             VOCAB_SIZE="64", TTT_CHUNK_TOKENS="48", TTT_LR="0.05", TTT_EPOCHS="2")
+# The tiny model on short sequences of random tokens: chunks of 48 targets, 3 training sequences of 16 each.
+SMALL = dict(TINY_ENV, TRAIN_SEQ_LEN="16", EVAL_SEQ_LEN="32", EVAL_STRIDE="8", VOCAB_SIZE="64",
+             TTT_CHUNK_TOKENS="48", TTT_LR="0.05", TTT_EPOCHS="2")
 LUTS = (torch.ones(64, dtype=torch.int16), torch.zeros(64, dtype=torch.bool), torch.zeros(64, dtype=torch.bool))
 RT = SimpleNamespace(rank=0, world_size=1, device=CPU, cuda=False, compile=False, distributed=False)
 
@@ -112,29 +112,19 @@ def finals(lines, label):
     return line
 
 
-def test_tiny_run_adapts_and_eval_only_reproduces_it(tmp_path, tiny_data):
-    run_tiny_training(tmp_path, data=tiny_data, **TTT)
-    lines = log_lines(tmp_path)
-    ttt, sliding = finals(lines, "final_int6_ttt_exact"), finals(lines, "final_int6_sliding_window_exact")
+def test_a_tiny_run_adapts_and_two_ranks_adapt_like_one(tmp_path, tiny_run, tiny_data):
+    """TTT on the tiny run's artifact: one rank in this process, then two (gloo) through torchrun."""
+    artifact = str(tiny_run / "final_model.int6.ptz")
+    assert run_in_process(tmp_path / "one", tiny_data, EVAL_ONLY=artifact, **TTT) == 0
+    run_tiny_training(tmp_path / "two", nproc=2, data=tiny_data, EVAL_ONLY=artifact, **TTT)
+    one, two = log_lines(tmp_path / "one"), log_lines(tmp_path / "two")
+    ttt, sliding = finals(one, "final_int6_ttt_exact"), finals(one, "final_int6_sliding_window_exact")
     assert field(ttt, "tokens") == field(sliding, "tokens") == "4096" and field(ttt, "bytes") == field(sliding, "bytes")
     assert float(field(ttt, "val_loss")) < float(field(sliding, "val_loss")) - 0.01  # it adapts
-    assert any(line.startswith("ttt_time:") for line in lines)
-    assert finals(lines, "final_int6_ttt").endswith("subset")
-    run_tiny_training(tmp_path, data=tiny_data, RUN_ID="again", EVAL_ONLY="final_model.int6.ptz", **TTT)
-    assert finals(log_lines(tmp_path, "again"), "final_int6_ttt_exact") == ttt
-
-
-def test_two_ranks_adapt_like_one(tmp_path, tiny_data):
-    run_tiny_training(tmp_path / "one", data=tiny_data, **TTT)
-    artifact = tmp_path / "one" / "final_model.int6.ptz"
-    run_tiny_training(tmp_path / "two", nproc=2, data=tiny_data, EVAL_ONLY=str(artifact), **TTT)
-    run_tiny_training(tmp_path / "zero", data=tiny_data, EVAL_ONLY=str(artifact), **dict(TTT, TTT_LR="0"))
-    one, two = (finals(log_lines(tmp_path / d), "final_int6_ttt_exact") for d in ("one", "two"))
-    zero = log_lines(tmp_path / "zero")
-    assert field(one, "tokens") == field(two, "tokens") and field(one, "bytes") == field(two, "bytes")
-    assert abs(float(field(one, "val_loss")) - float(field(two, "val_loss"))) < 2e-3
-    # TTT_LR=0 through the whole script: the TTT line is the sliding line, to the last digit
-    assert finals(zero, "final_int6_ttt_exact").split()[1:] == finals(zero, "final_int6_sliding_window_exact").split()[1:]
+    assert any(line.startswith("ttt_time:") for line in one) and finals(one, "final_int6_ttt").endswith("subset")
+    other = finals(two, "final_int6_ttt_exact")
+    assert field(other, "tokens") == field(ttt, "tokens") and field(other, "bytes") == field(ttt, "bytes")
+    assert abs(float(field(other, "val_loss")) - float(field(ttt, "val_loss"))) < 2e-3
 
 
 def test_embedding_tables_train_in_fp32_and_keep_sub_bf16_updates():
