@@ -71,7 +71,12 @@ HPARAMS = dict(
     ROPE_DIMS=0,  # rotate only the first ROPE_DIMS dims of each head; 0 = all
     LN_SCALE=False,  # block l's sublayer inputs scaled by 1/sqrt(l+1)
     EMA_DECAY=0.0,  # exponential average of the weights, exported instead of SWA; 0 = off
-    QUANT_METHOD="rowmax",  # int6 quantiser: rowmax (the seed), clipsearch (GPTQ-lite) or gptq
+    QUANT_METHOD="rowmax",  # int6 quantiser: rowmax (the seed), clipsearch (GPTQ-lite) or gptq (also the embedding)
+    QUANT_CLIP="search",  # row scales of clipsearch/gptq: search (clip quantiles) or sigma (SDClip, k x row std)
+    CLIP_SIGMAS=12.85, EMBED_CLIP_SIGMAS=20.0,  # SDClip's k for the block matrices and for the embedding tables
+    EMBED_BITS=8,  # grid of the embedding tables: 8, 7 or 6 bits per value
+    COMPRESSOR="zstd",  # the artifact's compressor: zstd (level 22), brotli (quality 11) or lzma (preset 9e)
+    BYTE_SHUFFLE=False,  # the serialised stream's even bytes, then its odd ones, before compression
     GPTQ_CALIB_SEQS=64, GPTQ_RESERVE_SECONDS=10.0,  # calibration sequences; seconds taken off the training cap
     TTT_ENABLED=False,  # legal score-first test-time training after the final evals
     TTT_CHUNK_TOKENS=32768, TTT_EPOCHS=3, TTT_LR=0.002, TTT_MOMENTUM=0.9, TTT_FREEZE_BLOCKS=0,
@@ -143,6 +148,12 @@ def read_hyperparameters(env) -> SimpleNamespace:
          f"ROPE_DIMS={hp.rope_dims} must be 0 (whole head) or even in [2, head dim {head_dim}]"),
         (hp.quant_method in ("rowmax", "clipsearch", "gptq"),
          f"QUANT_METHOD={hp.quant_method} must be rowmax, clipsearch or gptq"),
+        (hp.quant_clip in ("search", "sigma"), f"QUANT_CLIP={hp.quant_clip} must be search or sigma"),
+        (hp.quant_clip != "sigma" or hp.quant_method != "rowmax",
+         "QUANT_CLIP=sigma sets the scales of QUANT_METHOD=clipsearch or gptq (rowmax has its own)"),
+        (hp.clip_sigmas > 0 and hp.embed_clip_sigmas > 0, "CLIP_SIGMAS and EMBED_CLIP_SIGMAS must be positive"),
+        (hp.embed_bits in (6, 7, 8), f"EMBED_BITS={hp.embed_bits} must be 6, 7 or 8"),
+        (hp.compressor in ("zstd", "brotli", "lzma"), f"COMPRESSOR={hp.compressor} must be zstd, brotli or lzma"),
         (hp.gptq_calib_seqs > 0 and hp.gptq_reserve_seconds >= 0,
          "GPTQ_CALIB_SEQS must be positive and GPTQ_RESERVE_SECONDS >= 0"),
         (hp.quant_method != "gptq" or hp.max_wallclock_seconds <= 0
@@ -885,23 +896,31 @@ def quant_route(name: str, t: Tensor, control_patterns: tuple[str, ...]) -> str:
     return "int6" if name.startswith("blocks.") else "int8"  # block matrices; the embedding tables int8
 
 
-def int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+def embed_rows(w: Tensor, qmax: int = 127) -> tuple[Tensor, Tensor]:
+    """Per-row grid [-qmax, qmax] of an embedding table: clipped at the 0.9999984 quantile of |w| (the seed's int8)."""
     clip = torch.quantile(w.abs(), 0.9999984, dim=-1, keepdim=True)
-    scale = (clip / 127).clamp_min(1 / 127).half()
-    return torch.clamp(torch.round(w.clamp(-clip, clip) / scale.float()), -127, 127), scale
+    scale = (clip / qmax).clamp_min(1 / qmax).half()
+    return torch.clamp(torch.round(w.clamp(-clip, clip) / scale.float()), -qmax, qmax), scale
+
+
+def sigma_rows(w: Tensor, sigmas: float, qmax: int) -> tuple[Tensor, Tensor]:
+    """SDClip (the SP8192 records): row scale = k * std(row) / qmax in fp16, values clamped to [-qmax, qmax]. One
+    pass, no search; a larger k clips less and rounds coarser, for a smaller compressed size."""
+    scale = (sigmas * w.std(dim=-1, keepdim=True) / qmax).clamp_min(2**-14).half()  # 2^-14: fp16's least normal
+    return torch.clamp(torch.round(w / scale.float()), -qmax, qmax), scale
 
 
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # of |w| per row: the GPTQ-lite candidates
 
 
-def clipsearch_rows(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int6 grid [-31, 31]; each row clips at the candidate quantile of |w| that reconstructs it with the
+def clipsearch_rows(w: Tensor, qmax: int = 31) -> tuple[Tensor, Tensor]:
+    """Symmetric grid [-qmax, qmax]; each row clips at the candidate quantile of |w| that reconstructs it with the
     least squared error (chosen per row, which also minimises the whole matrix's error)."""
     best = None
     for p in CLIP_QUANTILES:
         clip = w.abs().amax(-1, keepdim=True) if p == 1.0 else torch.quantile(w.abs(), p, dim=-1, keepdim=True)
-        scale = (clip / 31).clamp_min(1 / 31).half()
-        q = torch.clamp(torch.round(w / scale.float()), -31, 31)
+        scale = (clip / qmax).clamp_min(1 / qmax).half()
+        q = torch.clamp(torch.round(w / scale.float()), -qmax, qmax)
         err = (w - q * scale.float()).square().sum(-1, keepdim=True)
         if best is not None:
             take = err < best[2]
@@ -911,8 +930,8 @@ def clipsearch_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     return best[0], best[1]
 
 
-def gptq_rows(w: Tensor, h: Tensor, scale: Tensor, block: int = 128) -> Tensor | None:
-    """GPTQ on the int6 grid [-31, 31] with fixed row scales: columns in order of decreasing H_jj, each one's
+def gptq_rows(w: Tensor, h: Tensor, scale: Tensor, qmax: int = 31, block: int = 128) -> Tensor | None:
+    """GPTQ on the grid [-qmax, qmax] with fixed row scales: columns in order of decreasing H_jj, each one's
     rounding error spread over the columns not yet quantised through the upper Cholesky factor of H^-1, which
     lowers the output error tr((W - Q) H (W - Q)^T). None if H is not positive definite even after damping."""
     w, h, s = w.float().clone(), h.float().clone(), scale.float()
@@ -932,7 +951,7 @@ def gptq_rows(w: Tensor, h: Tensor, scale: Tensor, block: int = 128) -> Tensor |
         b1 = min(b0 + block, w.size(1))
         wb, err = w[:, b0:b1].clone(), torch.empty_like(w[:, b0:b1])
         for j in range(b1 - b0):
-            q[:, b0 + j] = torch.clamp(torch.round(wb[:, j : j + 1] / s), -31, 31).squeeze(1)
+            q[:, b0 + j] = torch.clamp(torch.round(wb[:, j : j + 1] / s), -qmax, qmax).squeeze(1)
             err[:, j] = (wb[:, j] - q[:, b0 + j] * s.squeeze(1)) / u[b0 + j, b0 + j]
             wb[:, j + 1 :] -= err[:, j : j + 1] * u[b0 + j, b0 + j + 1 : b1]
         w[:, b1:] -= err @ u[b0:b1, b1:]
@@ -944,13 +963,24 @@ def hessian_key(name: str) -> str:
     return name.replace(".attn.c_k.", ".attn.c_q.").replace(".attn.c_v.", ".attn.c_q.")
 
 
-def int6_quantize(name: str, w: Tensor, method: str, hessians: dict | None) -> tuple[Tensor, Tensor, bool]:
-    """(q, scale, whether GPTQ fell back to clipsearch) of one int6 matrix under QUANT_METHOD."""
-    if method == "rowmax":
+def int6_quantize(name: str, w: Tensor, hp: SimpleNamespace, hessians: dict | None) -> tuple[Tensor, Tensor, bool]:
+    """(q, scale, whether GPTQ fell back to round-to-nearest) of one int6 matrix under QUANT_METHOD and QUANT_CLIP."""
+    if hp.quant_method == "rowmax":
         return *int6_rows(w), False
-    q, scale = clipsearch_rows(w)
-    g = gptq_rows(w, hessians[hessian_key(name)], scale) if method == "gptq" else None
-    return (q if g is None else g), scale, method == "gptq" and g is None
+    q, scale = sigma_rows(w, hp.clip_sigmas, 31) if hp.quant_clip == "sigma" else clipsearch_rows(w)
+    g = gptq_rows(w, hessians[hessian_key(name)], scale) if hp.quant_method == "gptq" else None
+    return (q if g is None else g), scale, hp.quant_method == "gptq" and g is None
+
+
+def embedding_quantize(name: str, w: Tensor, hp: SimpleNamespace, hessians: dict | None) -> tuple[Tensor, Tensor, bool]:
+    """(q, scale, fell back) of an embedding table on the EMBED_BITS grid. With QUANT_METHOD=gptq the tied embedding,
+    which is also the output head, gets GPTQ with the Hessian of the head's input (the final norm's output)."""
+    qmax = 2 ** (hp.embed_bits - 1) - 1
+    q, scale = sigma_rows(w, hp.embed_clip_sigmas, qmax) if hp.quant_clip == "sigma" else embed_rows(w, qmax)
+    if hp.quant_method != "gptq" or name != "tok_emb.weight":
+        return q, scale, False
+    g = gptq_rows(w, hessians[name], scale, qmax)
+    return (q if g is None else g), scale, g is None
 
 
 def int6_groups(names: list[str]) -> list[list[str]]:
@@ -971,8 +1001,8 @@ def assign_owners(costs: list[float], world_size: int) -> list[int]:
     return owner
 
 
-def quantize_int6(state: dict[str, Tensor], names: list[str], method: str, hessians: dict | None, rank: int = 0,
-                  world_size: int = 1) -> dict[str, tuple[Tensor, Tensor, bool]]:
+def quantize_int6(state: dict[str, Tensor], names: list[str], hp: SimpleNamespace, hessians: dict | None,
+                  rank: int = 0, world_size: int = 1) -> dict[str, tuple[Tensor, Tensor, bool]]:
     """(int8-held q, fp16 scale, whether GPTQ fell back) of every int6 matrix. Each rank quantises its share of the
     groups (GPTQ's cost grows with rows x columns^2); one summed all-reduce of zero-filled buffers, to which exactly
     one rank adds each value, hands every result to every rank."""
@@ -981,8 +1011,7 @@ def quantize_int6(state: dict[str, Tensor], names: list[str], method: str, hessi
     out = {}
     for group, owner in zip(groups, assign_owners(costs, world_size)):
         if owner == rank:
-            q, scale, fell_back = int6_quantize(group[0], torch.cat([state[n].float() for n in group]), method,
-                                                hessians)
+            q, scale, fell_back = int6_quantize(group[0], torch.cat([state[n].float() for n in group]), hp, hessians)
             rows = [state[n].size(0) for n in group]
             out.update({n: (qn.to(torch.int8), sn, fell_back) for n, qn, sn in zip(group, q.split(rows),
                                                                                    scale.split(rows))})
@@ -1003,13 +1032,12 @@ def quantize_int6(state: dict[str, Tensor], names: list[str], method: str, hessi
     return {n: (qs[i].view_as(state[n]), ss[i].view(-1, 1), bool(flags[i])) for i, n in enumerate(names)}
 
 
-def quantize_state_dict(state: dict[str, Tensor], control_patterns: tuple[str, ...], method: str = "rowmax",
-                        hessians: dict[str, Tensor] | None = None, rank: int = 0, world_size: int = 1):
-    """Returns ({stored tensors}, {name: route}, {route: statistics}, [int6 matrices where GPTQ fell back to
-    clipsearch]). Every rank calls it (the int6 matrices are spread over the ranks); all get the same result."""
-    meta = {name: quant_route(name, t, control_patterns) for name, t in state.items()}
-    int6 = quantize_int6(state, [n for n, route in meta.items() if route == "int6"], method, hessians, rank,
-                         world_size)
+def quantize_state_dict(state: dict[str, Tensor], hp: SimpleNamespace, hessians: dict[str, Tensor] | None = None,
+                        rank: int = 0, world_size: int = 1):
+    """Returns ({stored tensors}, {name: route}, {route: statistics}, [matrices where GPTQ fell back to rounding
+    to nearest]). Every rank calls it (the int6 matrices are spread over the ranks); all get the same result."""
+    meta = {name: quant_route(name, t, hp.control_patterns) for name, t in state.items()}
+    int6 = quantize_int6(state, [n for n, route in meta.items() if route == "int6"], hp, hessians, rank, world_size)
     tensors, stats, fallbacks = {}, {}, []
     for name, t in state.items():
         route = meta[name]
@@ -1019,10 +1047,10 @@ def quantize_state_dict(state: dict[str, Tensor], control_patterns: tuple[str, .
             tensors[name] = t.float()
         else:
             w = t.float()
-            q, scale, fell_back = int6[name] if route == "int6" else (*int8_rows(w), False)
+            q, scale, fell_back = int6[name] if route == "int6" else embedding_quantize(name, w, hp, hessians)
             fallbacks += [name] * fell_back
             tensors[name + ".q"], tensors[name + ".scale"] = q.to(torch.int8).contiguous(), scale
-            top = 127 if route == "int8" else 31
+            top = 2 ** (hp.embed_bits - 1) - 1 if route == "int8" else 31
             st = stats.setdefault(route, SimpleNamespace(rows=0, floor_rows=0, clipped=0, values=0, sq_err=0.0))
             st.rows += scale.numel()
             st.floor_rows += int((scale == torch.tensor(1 / top).half()).sum())
@@ -1062,26 +1090,67 @@ def compressor():
     return zstandard
 
 
-def pack_artifact(tensors: dict[str, Tensor], meta: dict[str, str]) -> bytes:
-    """torch.save's bytes as consecutive zstd-22 frames, cut at the data of every stored tensor of >= 64 KiB.
-    Over the whole stream zstd-22's size jumps by up to 8% with where torch's 64-byte-aligned records happen to
-    fall (the small interleaved records throw its parser off for long stretches); frame by frame it does not, and
-    is smaller. min_match=6 skips chance short matches. Decompressing across frames gives the same bytes back."""
-    buf = io.BytesIO()
-    torch.save({"w": {k: v.cpu() for k, v in tensors.items()}, "m": meta}, buf)
-    raw, zstd, cuts = buf.getvalue(), compressor(), {0, buf.tell()}
-    with zipfile.ZipFile(buf) as z:
+def brotli_module():
+    try:
+        import brotli
+    except ImportError:
+        raise InputError("COMPRESSOR=brotli needs the brotli package (pip install brotli)") from None
+    return brotli
+
+
+XZ_MAGIC, BROTLI_TAG, SHUFFLE_TAG = b"\xfd7zXZ\x00", b"BRT\x01", b"BSHF\x02"
+
+
+def frames(raw: bytes) -> list[tuple[int, int]]:
+    """torch.save's bytes cut at the data of every stored tensor of >= 64 KiB: over the whole stream zstd's and
+    lzma's sizes jump with where torch's 64-byte-aligned records happen to fall (the small interleaved records
+    throw their parsers off for long stretches); frame by frame they do not, and are smaller."""
+    cuts = {0, len(raw)}
+    with zipfile.ZipFile(io.BytesIO(raw)) as z:
         for info in z.infolist():  # stored uncompressed: data follows the 30-byte header, name and extra field
             if info.file_size >= 65536:
                 start = info.header_offset + 30 + sum(struct.unpack_from("<HH", raw, info.header_offset + 26))
                 cuts |= {start, start + info.file_size}
     bounds = sorted(cuts)
+    return list(zip(bounds, bounds[1:]))
+
+
+def pack_artifact(tensors: dict[str, Tensor], meta: dict[str, str], method: str = "zstd",
+                  shuffle: bool = False) -> bytes:
+    """torch.save's bytes, compressed: zstd level 22 (min_match=6 skips chance short matches) or lzma preset 9e as
+    one frame per large tensor (decompressing across frames gives the stream back), brotli quality 11 as one
+    stream (framing measured no smaller). BYTE_SHUFFLE stores the stream's even bytes, then its odd ones (the
+    records' stride-2 shuffle, which groups fp16 high bytes), tagged, as one frame."""
+    buf = io.BytesIO()
+    torch.save({"w": {k: v.cpu() for k, v in tensors.items()}, "m": meta}, buf)
+    raw = buf.getvalue()
+    if shuffle:
+        even = len(raw) // 2 * 2
+        raw = SHUFFLE_TAG + raw[0:even:2] + raw[1:even:2] + raw[even:]
+    parts = [raw] if shuffle or method == "brotli" else [raw[a:b] for a, b in frames(raw)]
+    if method == "brotli":
+        return BROTLI_TAG + brotli_module().compress(raw, quality=11)
+    if method == "lzma":
+        return b"".join(lzma.compress(part, preset=9 | lzma.PRESET_EXTREME) for part in parts)
+    zstd = compressor()
     return b"".join(zstd.ZstdCompressor(compression_params=zstd.ZstdCompressionParameters.from_level(
-        22, source_size=b - a, min_match=6)).compress(raw[a:b]) for a, b in zip(bounds, bounds[1:]))
+        22, source_size=len(part), min_match=6)).compress(part) for part in parts)
 
 
 def unpack_artifact(blob: bytes, reference: dict[str, Tensor]) -> dict[str, Tensor]:
-    raw = compressor().ZstdDecompressor().decompressobj(read_across_frames=True).decompress(blob)
+    """Any artifact pack_artifact writes (its compressor is told by its first bytes), dequantised."""
+    if blob.startswith(XZ_MAGIC):
+        raw = lzma.decompress(blob)
+    elif blob.startswith(BROTLI_TAG):
+        raw = brotli_module().decompress(blob[len(BROTLI_TAG):])
+    else:
+        raw = compressor().ZstdDecompressor().decompressobj(read_across_frames=True).decompress(blob)
+    if raw.startswith(SHUFFLE_TAG):
+        body = raw[len(SHUFFLE_TAG):]
+        half = len(body) // 2
+        unshuffled = bytearray(body)
+        unshuffled[0 : 2 * half : 2], unshuffled[1 : 2 * half : 2] = body[:half], body[half : 2 * half]
+        raw = bytes(unshuffled)
     payload = torch.load(io.BytesIO(raw), map_location="cpu")
     return dequantize_state_dict(payload["w"], payload["m"], reference)
 
@@ -1096,7 +1165,7 @@ def read_artifact(path: str, reference: dict[str, Tensor]) -> dict[str, Tensor]:
         raise
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0]
-        raise InputError(f"EVAL_ONLY={path}: not a valid int6+zstd artifact ({type(e).__name__}: {reason})") from None
+        raise InputError(f"EVAL_ONLY={path}: not a valid artifact ({type(e).__name__}: {reason})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1396,27 +1465,28 @@ def exact_fp32():
 
 def collect_hessians(model: GPT, names: list[str], train_files: list[str], hp: SimpleNamespace,
                      rt: SimpleNamespace) -> dict[str, Tensor]:
-    """H = sum of x x^T over the inputs x of each named matrix (q, k and v share one), from GPTQ_CALIB_SEQS
-    sequences at the start of the training stream, split across ranks and summed over them."""
+    """H = sum of x x^T over the inputs x of each named matrix (q, k and v share one; a looped block's matrices add
+    every pass; the tied embedding's is the head's input, the final hidden states), from GPTQ_CALIB_SEQS sequences at
+    the start of the training stream, split across ranks and summed over them."""
     keys, hessians = sorted({hessian_key(n) for n in names}), {}
 
-    def accumulate(key: str):
-        def hook(module, inputs, output):
-            x = inputs[0].detach().flatten(0, -2).float()
-            if key not in hessians:
-                hessians[key] = torch.zeros(x.size(1), x.size(1), device=x.device)
-            with torch.autocast(x.device.type, enabled=False):
-                hessians[key].addmm_(x.T, x)
-        return hook
+    def accumulate(key: str, x: Tensor) -> None:
+        x = x.detach().flatten(0, -2).float()
+        if key not in hessians:
+            hessians[key] = torch.zeros(x.size(1), x.size(1), device=x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            hessians[key].addmm_(x.T, x)
 
-    handles = [m.register_forward_hook(accumulate(n + ".weight")) for n, m in model.named_modules()
-               if n + ".weight" in keys]
+    handles = [m.register_forward_hook(lambda module, inputs, output, key=n + ".weight": accumulate(key, inputs[0]))
+               for n, m in model.named_modules() if n + ".weight" in keys and n != "tok_emb"]
     seqs = TokenStream(train_files).take(hp.gptq_calib_seqs * hp.train_seq_len).reshape(-1, hp.train_seq_len)
     mine = rank_share(seqs, rt.rank, rt.world_size)
     model.eval()
     with torch.no_grad(), autocast(rt.device):
         for i in range(0, len(mine), 8):
-            model.hidden(torch.from_numpy(mine[i : i + 8].astype(np.int64)).to(rt.device))
+            h = model.hidden(torch.from_numpy(mine[i : i + 8].astype(np.int64)).to(rt.device))
+            if "tok_emb.weight" in keys:
+                accumulate("tok_emb.weight", h)
     for handle in handles:
         handle.remove()
     for key in keys:
@@ -1435,8 +1505,8 @@ def quantize(model: GPT, hp: SimpleNamespace, rt: SimpleNamespace, train_files: 
         hessians = None
         if hp.quant_method == "gptq":
             names = [k for k, v in state.items() if quant_route(k, v, hp.control_patterns) == "int6"]
-            hessians = collect_hessians(model, names, train_files, hp, rt)
-        return quantize_state_dict(state, hp.control_patterns, hp.quant_method, hessians, rt.rank, rt.world_size)
+            hessians = collect_hessians(model, names + ["tok_emb.weight"], train_files, hp, rt)
+        return quantize_state_dict(state, hp, hessians, rt.rank, rt.world_size)
 
 
 def write_artifact(quantized, path: str, hp: SimpleNamespace, rt: SimpleNamespace, log: Logger) -> None:
@@ -1447,12 +1517,13 @@ def write_artifact(quantized, path: str, hp: SimpleNamespace, rt: SimpleNamespac
         for name in fallbacks:
             log(f"gptq:fallback {name} reason:Hessian not positive definite, used clipsearch")
         for route, st in sorted(stats.items()):
-            method = "rowclip" if route == "int8" else hp.quant_method
-            method += " clip:per_row" if method in ("clipsearch", "gptq") else ""
-            log(f"quant:{route} method:{method} rows:{st.rows} scale_floor_rows:{st.floor_rows} "
+            method = ("gptq" if hp.quant_method == "gptq" else "rowclip") if route == "int8" else hp.quant_method
+            method += " clip:" + ("sigma" if hp.quant_clip == "sigma" else "per_row") if method != "rowmax" else ""
+            bits = hp.embed_bits if route == "int8" else 6
+            log(f"quant:{route} method:{method} bits:{bits} rows:{st.rows} scale_floor_rows:{st.floor_rows} "
                 f"clipped:{st.clipped / st.values:.6f} weight_mse:{st.sq_err / st.values:.4e}")
         tmp = Path(path + ".tmp")
-        tmp.write_bytes(pack_artifact(tensors, meta))
+        tmp.write_bytes(pack_artifact(tensors, meta, hp.compressor, hp.byte_shuffle))
         tmp.replace(path)
     if rt.distributed:
         dist.barrier()
@@ -1667,9 +1738,9 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, wrap
     blob = Path(artifact).read_bytes()
     log(f"code: source_bytes:{len(code)} wrapper_bytes:{len(wrapper)} "
         "(the counted code is the self-extracting form)")
-    log(f"Serialized model int6+zstd: {len(blob)} bytes")
+    log(f"Serialized model int6+{hp.compressor}: {len(blob)} bytes")
     log(f"Code size: {len(wrapper)} bytes")
-    log(f"Total submission size int6+zstd: {len(blob) + len(wrapper)} bytes")
+    log(f"Total submission size int6+{hp.compressor}: {len(blob) + len(wrapper)} bytes")
     log(f"artifact:{artifact} bytes:{len(blob)} sha256:{hashlib.sha256(blob).hexdigest()}")
     if len(blob) + len(wrapper) > SIZE_LIMIT_BYTES:
         log(f"size_limit:exceeded total:{len(blob) + len(wrapper)} limit:{SIZE_LIMIT_BYTES} "
@@ -1732,6 +1803,8 @@ def main() -> int:
     global ACT_DTYPE, USE_FA3
     ACT_DTYPE = rt.precision
     compressor()
+    if hp.compressor == "brotli":
+        brotli_module()
     sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     luts = build_byte_luts(sp, hp.vocab_size)
     val_files = resolve_files(hp.val_glob, "VAL_FILES")

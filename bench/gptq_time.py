@@ -31,14 +31,14 @@ def main() -> None:
     if distributed:
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    hp = tg.read_hyperparameters({})
+    hp = tg.read_hyperparameters({"QUANT_METHOD": args.method})
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     state = {k: (v.float() + 0.05 * torch.randn(v.shape, generator=gen)).to(v.dtype)
              for k, v in tg.build_model(hp, torch.device("cpu")).state_dict().items()}
     names = [k for k, v in state.items() if tg.quant_route(k, v, hp.control_patterns) == "int6"]
     hessians = {}
-    for name in names:
+    for name in names + ["tok_emb.weight"]:
         key, cols = tg.hessian_key(name), state[name].size(1)
         if key not in hessians:
             x = torch.randn(2048, cols, generator=gen) @ (torch.eye(cols) + torch.randn(cols, cols, generator=gen) / 30)
@@ -47,7 +47,7 @@ def main() -> None:
         if distributed:
             dist.barrier()
         t0 = time.perf_counter()
-        tg.quantize_state_dict(state, hp.control_patterns, args.method, hessians, rank, world)
+        tg.quantize_state_dict(state, hp, hessians, rank, world)
         seconds = tg.agree_max([time.perf_counter() - t0], argparse.Namespace(distributed=distributed,
                                                                                device=torch.device("cpu")))[0]
         if rank == 0:

@@ -1,17 +1,20 @@
-"""What each int6 quantiser (QUANT_METHOD=rowmax|clipsearch|gptq) does to a model trained by train_gpt.py.
+"""What each export setting does to a model trained by train_gpt.py: the quantisers (QUANT_METHOD, QUANT_CLIP,
+EMBED_BITS) and the compressors (COMPRESSOR, BYTE_SHUFFLE), each measured, on the same trained weights.
 
-At CPU scale the int6 round trip costs almost no loss, so the loss gap cannot rank the methods. This measures what
-GPTQ optimises instead: for every block matrix W (attention q/k/v/proj, MLP fc/proj) the relative output error
-||(W - Q) X||^2 / ||W X||^2 on held-out activations X (training sequences that GPTQ did not calibrate on), summed
-per layer type, for each method; plus the artifact bytes, the calibration and quantisation times and the loss gap.
+At CPU scale the int6 round trip costs little loss, so the loss gap alone cannot rank quantisers. This also
+measures what GPTQ optimises: for every block matrix W the relative output error ||(W - Q) X||^2 / ||W X||^2 on
+held-out activations X (training sequences that GPTQ did not calibrate on), summed over the block matrices, and
+the same for the tied embedding in its role as the output head (X: the final hidden states). Bytes are those of
+the artifact train_gpt.py writes for that setting.
 
-At small widths the block matrices are under train_gpt.py's 65,536-value passthrough size (stored fp16); here
-every block matrix is quantised to int6 anyway, so that the methods are compared where they apply.
+At small widths the block matrices are under train_gpt.py's 65,536-value passthrough size (stored fp16); here every
+block matrix is quantised to int6 anyway, so that settings are compared where they apply.
 
-    python bench/quant_error.py --seeds 1337 42 -- TRAIN_FILES='scratch/proxy/blogs_train_*.bin' \\
+    python bench/quant_error.py --save-state scratch/q.pt -- TRAIN_FILES='scratch/proxy/blogs_train_*.bin' \\
         VAL_FILES='scratch/proxy/fineweb_val_*.bin' TOKENIZER_PATH=../shared/data/fineweb_1024_bpe.model \\
-        NUM_LAYERS=4 MODEL_DIM=128 NUM_HEADS=4 NUM_KV_HEADS=2 TRAIN_SEQ_LEN=256 EVAL_SEQ_LEN=256 \\
-        TRAIN_BATCH_TOKENS=8192 ITERATIONS=200 WARMDOWN_ITERS=60 SWA_ENABLED=0 VAL_MAX_TOKENS=262144
+        NUM_LAYERS=6 MODEL_DIM=128 NUM_HEADS=4 NUM_KV_HEADS=2 TRAIN_SEQ_LEN=256 EVAL_SEQ_LEN=256 \\
+        TRAIN_BATCH_TOKENS=8192 ITERATIONS=200 WARMDOWN_ITERS=100 VAL_MAX_TOKENS=262144 PRECISION=fp32
+    python bench/quant_error.py --state scratch/q.pt -- <the same settings>   # measure again, no training
 
 Settings after `--` are train_gpt.py hyperparameters (NAME=VALUE). Runs on one process (CPU or one GPU).
 """
@@ -30,70 +33,41 @@ sys.path.insert(0, str(REPO))
 
 import train_gpt as tg  # noqa: E402
 
-METHODS = ("rowmax", "clipsearch", "gptq")
-TYPES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.proj", "mlp.fc", "mlp.proj")
+QUANTISERS = [  # (label, settings): the seed's, then the lineage's, then the SP8192 records' and the embedding's
+    ("rowmax (seed)", {}),
+    ("clipsearch", dict(QUANT_METHOD="clipsearch")),
+    ("gptq", dict(QUANT_METHOD="gptq")),
+    ("sigma 12.85, RTN", dict(QUANT_METHOD="clipsearch", QUANT_CLIP="sigma")),
+    ("gptq + sigma 12.85", dict(QUANT_METHOD="gptq", QUANT_CLIP="sigma")),
+    ("gptq + sigma, embed 7 bits", dict(QUANT_METHOD="gptq", QUANT_CLIP="sigma", EMBED_BITS="7")),
+    ("gptq + sigma, embed 6 bits", dict(QUANT_METHOD="gptq", QUANT_CLIP="sigma", EMBED_BITS="6")),
+    ("rowmax, embed 7 bits (no GPTQ)", dict(EMBED_BITS="7")),
+]
+COMPRESSORS = [(c, s) for c in ("zstd", "brotli", "lzma") for s in ("0", "1")]
 
 
-def layer_type(name: str) -> str | None:
-    return next((t for t in TYPES if f".{t}.weight" in name), None)
+def all_int6(real_route):
+    def route(name, t, patterns):
+        return "int6" if name.startswith("blocks.") and t.ndim == 2 else real_route(name, t, patterns)
+    return route
 
 
-def measure(env: dict[str, str], seed: int) -> dict:
-    hp = tg.read_hyperparameters({**env, "SEED": str(seed), "RUN_ID": f"quant_error_{seed}"})
-    rt = tg.runtime(hp)
-    tg.ACT_DTYPE = rt.precision
-    torch.manual_seed(seed)
-    sp = tg.load_tokenizer(hp.tokenizer_path, hp.vocab_size)
-    luts = [t.to(rt.device) for t in tg.build_byte_luts(sp, hp.vocab_size)]
-    val = tg.load_validation_tokens(tg.resolve_files(hp.val_glob, "VAL_FILES"), hp.train_seq_len,
-                                    hp.val_max_tokens).to(rt.device, torch.int32)
-    train_files = tg.resolve_files(hp.train_glob, "TRAIN_FILES")
-    log = tg.Logger(hp.run_id, True, b"")
-
-    def val_loss(model) -> float:
-        seq = hp.train_seq_len
-        return tg.evaluate(tg.Scorer(model, rt), val, luts, seq, seq, tg.eval_batch_windows(hp, rt, seq), 0, 1)[0]
-
-    progress = SimpleNamespace(step=0, train_ms=0.0, artifact=None, reported=False)
-    model, trained = tg.train(hp, rt, log, val, luts, train_files, progress)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    names = [k for k, v in state.items() if layer_type(k) and v.ndim == 2]
-    t0 = time.perf_counter()
-    calib = tg.collect_hessians(model, names, train_files, hp, rt)
-    calib_s = time.perf_counter() - t0
-    both = tg.collect_hessians(model, names, train_files, SimpleNamespace(**{**vars(hp), "gptq_calib_seqs":
-                                                                              2 * hp.gptq_calib_seqs}), rt)
-    held_out = {k: both[k] - calib[k] for k in calib}  # the next GPTQ_CALIB_SEQS sequences of the stream
-
-    base_loss = val_loss(model)
-    out = dict(seed=seed, steps=progress.step, val_loss=base_loss, calib_s=calib_s, methods={})
-    for method in METHODS:
-        t0 = time.perf_counter()
-        quantized = {n: tg.int6_quantize(n, state[n].float(), method, calib)[:2] for n in names}
-        quant_s = time.perf_counter() - t0
-        err, ref = {t: 0.0 for t in TYPES}, {t: 0.0 for t in TYPES}
-        for n, (q, scale) in quantized.items():
-            w, h = state[n].float().double(), held_out[tg.hessian_key(n)].double()
-            e = w - (q * scale.float()).double()
-            err[layer_type(n)] += float(torch.einsum("ij,jk,ik->", e, h, e))
-            ref[layer_type(n)] += float(torch.einsum("ij,jk,ik->", w, h, w))
-        # the artifact as train_gpt.py would write it, with every block matrix int6
-        tensors, meta, _, _ = tg.quantize_state_dict(state, hp.control_patterns, "rowmax")
-        for n, (q, scale) in quantized.items():
-            tensors.pop(n, None)
-            tensors[n + ".q"], tensors[n + ".scale"], meta[n] = q.to(torch.int8), scale, "int6"
-        blob = tg.pack_artifact(tensors, meta)
-        model.load_state_dict(tg.unpack_artifact(blob, state))
-        loss = val_loss(model)
-        model.load_state_dict(state)
-        out["methods"][method] = dict(rel_err={t: err[t] / ref[t] for t in TYPES if ref[t]}, bytes=len(blob),
-                                      quant_s=quant_s, loss_gap=loss - base_loss)
-    return out
+def relative_error(state, tensors, names, hessians) -> float:
+    """sum ||(W - Q) X||^2 / sum ||W X||^2 over `names`, from X's second moment H = X^T X."""
+    err = ref = 0.0
+    for name in names:
+        w = state[name].double()
+        e = w - tensors[name + ".q"].double() * tensors[name + ".scale"].double()
+        h = hessians[tg.hessian_key(name)].double()
+        err += float(torch.einsum("ij,jk,ik->", e, h, e))
+        ref += float(torch.einsum("ij,jk,ik->", w, h, w))
+    return err / ref
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 42])
+    parser.add_argument("--state", type=Path, help="trained weights saved by --save-state (skips training)")
+    parser.add_argument("--save-state", type=Path, help="where to save the trained weights")
     parser.add_argument("env", nargs="*", metavar="NAME=VALUE", help="train_gpt.py hyperparameters")
     args = parser.parse_args(argv)
     env = {}
@@ -103,19 +77,69 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{item!r}: expected NAME=VALUE with NAME one of train_gpt.py's hyperparameters")
         env[name] = value
     try:
-        results = [measure({**env, "COMPILE": env.get("COMPILE", "0")}, seed) for seed in args.seeds]
+        hp = tg.read_hyperparameters({**env, "COMPILE": env.get("COMPILE", "0"), "RUN_ID": "quant_error"})
+        rt = tg.runtime(hp)
+        tg.ACT_DTYPE = rt.precision
+        luts = [t.to(rt.device) for t in tg.build_byte_luts(tg.load_tokenizer(hp.tokenizer_path, hp.vocab_size),
+                                                             hp.vocab_size)]
+        val = tg.load_validation_tokens(tg.resolve_files(hp.val_glob, "VAL_FILES"), hp.train_seq_len,
+                                        hp.val_max_tokens).to(rt.device, torch.int32)
+        train_files = tg.resolve_files(hp.train_glob, "TRAIN_FILES")
     except tg.InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("| seed | method | " + " | ".join(TYPES) + " | artifact bytes | quantise s | loss gap (nats) |")
-    print("|---" * (len(TYPES) + 6) + "|")
-    for r in results:
-        for method, m in r["methods"].items():
-            errs = " | ".join(f"{m['rel_err'].get(t, float('nan')):.3e}" for t in TYPES)
-            print(f"| {r['seed']} | {method} | {errs} | {m['bytes']:,} | {m['quant_s']:.2f} | {m['loss_gap']:+.5f} |")
-    for r in results:
-        print(f"seed {r['seed']}: {r['steps']} steps, val_loss {r['val_loss']:.4f} before quantisation, "
-              f"calibration (Hessians) {r['calib_s']:.2f} s")
+    torch.manual_seed(hp.seed)
+    if args.state:
+        model = tg.build_model(hp, rt.device)
+        model.load_state_dict(torch.load(args.state, map_location=rt.device))
+    else:
+        progress = SimpleNamespace(step=0, train_ms=0.0, artifact=None, reported=False)
+        model, _ = tg.train(hp, rt, tg.Logger(hp.run_id, True, b""), val, luts, train_files, progress)
+    if args.save_state:
+        torch.save(model.state_dict(), args.save_state)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tg.quant_route = all_int6(tg.quant_route)
+    names = [k for k, v in state.items() if tg.quant_route(k, v, hp.control_patterns) == "int6"]
+    calib = tg.collect_hessians(model, names + ["tok_emb.weight"], train_files, hp, rt)
+    both = tg.collect_hessians(model, names + ["tok_emb.weight"], train_files,
+                               SimpleNamespace(**{**vars(hp), "gptq_calib_seqs": 2 * hp.gptq_calib_seqs}), rt)
+    held_out = {k: both[k] - calib[k] for k in calib}  # the next GPTQ_CALIB_SEQS sequences of the stream
+
+    def val_loss() -> float:
+        seq = hp.train_seq_len
+        return tg.evaluate(tg.Scorer(model, rt), val, luts, seq, seq, tg.eval_batch_windows(hp, rt, seq), 0, 1)[0]
+
+    base = val_loss()
+    print(f"trained: val_loss {base:.4f} before quantisation; {sum(v.numel() for v in state.values()):,} values; "
+          f"{len(names)} block matrices quantised int6")
+    print("\n| quantiser | artifact bytes (zstd) | block output error | head output error | loss gap (nats) | s |")
+    print("|---|---|---|---|---|---|")
+    quantised = {}
+    for label, settings in QUANTISERS:
+        q_hp = tg.read_hyperparameters({**env, **settings})
+        t0 = time.perf_counter()
+        tensors, meta, _, _ = tg.quantize_state_dict(state, q_hp, calib)
+        seconds = time.perf_counter() - t0
+        quantised[label] = tensors, meta
+        blob = tg.pack_artifact(tensors, meta)
+        model.load_state_dict(tg.unpack_artifact(blob, state))
+        gap = val_loss() - base
+        model.load_state_dict(state)
+        print(f"| {label} | {len(blob):,} | {relative_error(state, tensors, names, held_out):.3e} | "
+              f"{relative_error(state, tensors, ['tok_emb.weight'], held_out):.3e} | {gap:+.5f} | {seconds:.1f} |")
+    print("\n| quantiser | " + " | ".join(f"{c}{' + shuffle' * (s == '1')}" for c, s in COMPRESSORS) + " |")
+    print("|---" * (len(COMPRESSORS) + 1) + "|")
+    for label in ("rowmax (seed)", "gptq + sigma 12.85"):
+        tensors, meta = quantised[label]
+        sizes = []
+        for compressor, shuffle in COMPRESSORS:
+            t0 = time.perf_counter()
+            blob = tg.pack_artifact(tensors, meta, compressor, shuffle == "1")
+            sizes.append(f"{len(blob):,} ({time.perf_counter() - t0:.1f} s)")
+            assert all(torch.equal(a, b) for a, b in zip(tg.unpack_artifact(blob, state).values(),
+                                                          tg.unpack_artifact(tg.pack_artifact(tensors, meta),
+                                                                             state).values()))
+        print(f"| {label} | " + " | ".join(sizes) + " |")
     return 0
 
 

@@ -42,7 +42,13 @@ import runlog  # noqa: E402
 SIZE_LIMIT = 16_000_000
 BUDGET_MS = 600_000.0
 MARGIN_NATS, ALPHA = 0.005, 0.01
-MODEL, CODE, TOTAL = "Serialized model int6+zstd", "Code size", "Total submission size int6+zstd"
+CODE = "Code size"
+
+
+def size_lines(run: runlog.RunLog) -> tuple[str, str]:
+    """The names of the model and total size lines, which name the run's COMPRESSOR (zstd by default)."""
+    method = run.hparams.get("COMPRESSOR", "zstd")
+    return f"Serialized model int6+{method}", f"Total submission size int6+{method}"
 SLIDING, TTT, ROUNDTRIP = "final_int6_sliding_window_exact", "final_int6_ttt_exact", "final_int6_roundtrip_exact"
 PER_RUN = ("RUN_ID", "SEED")  # never on the shared run command
 DATA_VARS = ("DATA_PATH", "TOKENIZER_PATH", "TRAIN_FILES", "VAL_FILES")
@@ -51,7 +57,7 @@ WRAPPER_HEAD = b'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("'
 WRAPPER_TAIL = b'"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n'
 LZMA2 = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 REQUIREMENTS = """\
-# What train_gpt.py imports; zstandard is the one package beyond the challenge's own requirements.txt.
+# What train_gpt.py imports; zstandard (and brotli for COMPRESSOR=brotli) are beyond the challenge's own list.
 # FlashAttention-3 (flash_attn_interface) is optional: used when it passes the script's start-up probe.
 numpy
 sentencepiece
@@ -85,7 +91,7 @@ def train_ms(run: runlog.RunLog) -> float | None:
 
 
 def total_bytes(run: runlog.RunLog, wrapper: bytes) -> int | None:
-    model = run.num(MODEL)
+    model = run.num(size_lines(run)[0])
     return None if model is None else int(model) + len(wrapper)
 
 
@@ -126,10 +132,12 @@ def check(runs: list[runlog.RunLog], wrapper: bytes, record: bool) -> Compliance
         if run.last("eval_only") or run.hparams.get("EVAL_ONLY"):
             comp.fail("training_runs", where, "an EVAL_ONLY re-score, not a training run")
             continue  # it trained nothing: its missing training lines are the same cause
-        missing = [n for n in ("step", "code", MODEL, CODE, TOTAL, score, "post_training_time") if not run.last(n)]
+        model_line, total_line = size_lines(run)
+        missing = [n for n in ("step", "code", model_line, CODE, total_line, score, "post_training_time")
+                   if not run.last(n)]
         if missing:
             comp.fail("final_lines_present", where, "missing line(s): " + ", ".join(missing))
-        model, code, total = run.num(MODEL), run.num(CODE), run.num(TOTAL)
+        model, code, total = run.num(model_line), run.num(CODE), run.num(total_line)
         if None not in (model, code, total) and model + code != total:
             comp.fail("artifact_under_16mb", where, f"model {model:.0f} + code {code:.0f} != total {total:.0f} bytes")
         if (logged := run.num("code", "wrapper_bytes")) is not None and logged != len(wrapper):
@@ -251,7 +259,7 @@ def seed_result(run: runlog.RunLog, score: str, wrapper: bytes) -> dict:
     num, whole = run.num, (lambda x: None if x is None else int(x))  # noqa: E731
     secs = lambda ms: None if ms is None else round(ms / 1000, 3)  # noqa: E731
     result = {"val_loss": num(score, "val_loss"), "val_bpb": num(score, "val_bpb"),
-              "artifact_bytes": total_bytes(run, wrapper), "model_bytes": whole(num(MODEL)),
+              "artifact_bytes": total_bytes(run, wrapper), "model_bytes": whole(num(size_lines(run)[0])),
               "steps": whole(num("step", "step")), "train_time_s": secs(train_ms(run)),
               "eval_time_s": secs(num("post_training_time")),
               "pre_quant_val_bpb": run.val[-1].num("val_bpb") if run.val else None,
@@ -406,7 +414,8 @@ def package(args: argparse.Namespace) -> int:
                   png is not None)
     files = {"train_gpt.py": wrapper, "train_gpt_source.py": source, "README.md": text.encode(),
              "submission.json": (json.dumps(sub, indent=2, ensure_ascii=False) + "\n").encode(),
-             "requirements.txt": REQUIREMENTS.encode()}
+             "requirements.txt": (REQUIREMENTS + "brotli\n" * (runs[0].hparams.get("COMPRESSOR") == "brotli"))
+             .encode()}
     files.update({f"train_seed{key}.log": r.path.read_bytes() for key, r in zip(keys(runs), runs)})
     if png is not None:
         files["curves.png"] = png

@@ -128,7 +128,7 @@ def test_ema_exports_the_averaged_weights_not_the_live_ones(tmp_path, tiny_data,
     # the artifact on disk holds the quantised EMA weights exactly
     ref = tg.build_model(tg.read_hyperparameters({**TINY_ENV, "EMA_DECAY": "0.9"}), torch.device("cpu")).state_dict()
     from_disk = tg.unpack_artifact((tmp_path / "final_model.int6.ptz").read_bytes(), ref)
-    tensors, meta, _, _ = tg.quantize_state_dict(recorded["exported"], tg.read_hyperparameters({}).control_patterns)
+    tensors, meta, _, _ = tg.quantize_state_dict(recorded["exported"], tg.read_hyperparameters({}))
     want = tg.dequantize_state_dict(tensors, meta, ref)
     assert all(torch.equal(from_disk[k], want[k]) for k in want)
     averaged = [line for line in lines if line.startswith("averaged val_loss:")]

@@ -13,6 +13,7 @@ from conftest import REPO, TINY_ENV, TORCHRUN, field, log_lines, run_in_process
 from test_quant import pack
 
 GEN = torch.Generator().manual_seed(0)
+GPTQ = tg.read_hyperparameters({"QUANT_METHOD": "gptq"})
 
 
 def trained_like(rows: int, cols: int) -> torch.Tensor:
@@ -76,20 +77,22 @@ def test_gptq_dead_inputs_and_determinism():
 
 def test_gptq_falls_back_to_clipsearch_when_the_hessian_is_broken():
     hp = tg.read_hyperparameters({**TINY_ENV, "NUM_LAYERS": "1", "MODEL_DIM": "96", "NUM_HEADS": "2",
-                                  "NUM_KV_HEADS": "1", "MLP_MULT": "8", "BIGRAM_VOCAB_SIZE": "0"})
+                                  "NUM_KV_HEADS": "1", "MLP_MULT": "8", "BIGRAM_VOCAB_SIZE": "0",
+                                  "QUANT_METHOD": "gptq"})
     torch.manual_seed(0)
     state = {k: v + 0.1 * torch.randn_like(v) for k, v in tg.build_model(hp, torch.device("cpu")).state_dict().items()}
     names = [k for k, v in state.items() if tg.quant_route(k, v, hp.control_patterns) == "int6"]
     assert names == ["blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight"]
-    good = {n: (lambda x: x.T @ x)(torch.randn(1000, state[n].size(1), generator=GEN)) for n in names}
+    good = {n: (lambda x: x.T @ x)(torch.randn(1000, state[n].size(1), generator=GEN))
+            for n in names + ["tok_emb.weight"]}
     broken = dict(good, **{names[1]: torch.full_like(good[names[1]], float("nan"))})
     assert tg.gptq_rows(state[names[1]], broken[names[1]], tg.clipsearch_rows(state[names[1]])[1]) is None
-    tensors, _, _, fallbacks = tg.quantize_state_dict(state, hp.control_patterns, "gptq", broken)
+    tensors, _, _, fallbacks = tg.quantize_state_dict(state, hp, broken)
     assert fallbacks == [names[1]]
     assert torch.equal(tensors[names[1] + ".q"], tg.clipsearch_rows(state[names[1]])[0].to(torch.int8))
     assert not torch.equal(tensors[names[0] + ".q"], tg.clipsearch_rows(state[names[0]])[0].to(torch.int8))
-    blob1, stats = pack(state, hp.control_patterns, "gptq", good)
-    blob2, _ = pack(state, hp.control_patterns, "gptq", good)
+    blob1, stats = pack(state, hp, good)
+    blob2, _ = pack(state, hp, good)
     assert blob1 == blob2  # deterministic bytes
     st = stats["int6"]
     assert st.rows == 768 + 96 and st.values == 2 * 768 * 96 and st.sq_err > 0 and 0 <= st.clipped < st.values
@@ -102,9 +105,9 @@ def test_stacked_qkv_is_the_same_as_three_solves():
     x = torch.randn(2000, 160, generator=GEN) @ (torch.eye(160) + torch.randn(160, 160, generator=GEN) / 20)
     hessians = {names[0]: x.T @ x}
     assert tg.int6_groups(names + ["blocks.0.mlp.fc.weight"]) == [names, ["blocks.0.mlp.fc.weight"]]
-    stacked = tg.quantize_int6(state, names, "gptq", hessians)
+    stacked = tg.quantize_int6(state, names, GPTQ, hessians)
     for name in names:
-        q, scale, fell_back = tg.int6_quantize(name, state[name], "gptq", hessians)
+        q, scale, fell_back = tg.int6_quantize(name, state[name], GPTQ, hessians)
         assert torch.equal(stacked[name][0], q.to(torch.int8)) and torch.equal(stacked[name][1], scale), name
         assert not fell_back and not stacked[name][2]
 
@@ -123,29 +126,31 @@ import sys, torch, torch.distributed as dist
 sys.path.insert(0, {str(REPO)!r})
 import train_gpt as tg
 dist.init_process_group("gloo")
-state, hessians, patterns = torch.load(sys.argv[1])
-tensors, meta, stats, fallbacks = tg.quantize_state_dict(state, patterns, "gptq", hessians, dist.get_rank(),
-                                                         dist.get_world_size())
+state, hessians = torch.load(sys.argv[1])
+hp = tg.read_hyperparameters({{"QUANT_METHOD": "gptq"}})
+tensors, meta, stats, fallbacks = tg.quantize_state_dict(state, hp, hessians, dist.get_rank(), dist.get_world_size())
 torch.save((tensors, fallbacks), f"rank{{dist.get_rank()}}.pt")
 dist.destroy_process_group()
 """
 
 
 def test_matrices_spread_over_two_ranks_give_the_one_rank_result(tmp_path):
-    hp = tg.read_hyperparameters({**TINY_ENV, "NUM_LAYERS": "2", "MLP_MULT": "17", "BIGRAM_VOCAB_SIZE": "0"})
+    hp = tg.read_hyperparameters({**TINY_ENV, "NUM_LAYERS": "2", "MLP_MULT": "17", "BIGRAM_VOCAB_SIZE": "0",
+                                  "QUANT_METHOD": "gptq"})
     torch.manual_seed(0)
     state = {k: v + 0.1 * torch.randn_like(v.float()).to(v.dtype)
              for k, v in tg.build_model(hp, torch.device("cpu")).state_dict().items()}
     names = [k for k, v in state.items() if tg.quant_route(k, v, hp.control_patterns) == "int6"]
     assert len(names) == 4
-    hessians = {n: (lambda x: x.T @ x)(torch.randn(600, state[n].size(1), generator=GEN)) for n in names}
+    hessians = {n: (lambda x: x.T @ x)(torch.randn(600, state[n].size(1), generator=GEN))
+                for n in names + ["tok_emb.weight"]}
     hessians[names[3]] = torch.full_like(hessians[names[3]], float("nan"))  # one falls back, on whichever rank
-    torch.save((state, hessians, hp.control_patterns), tmp_path / "input.pt")
+    torch.save((state, hessians), tmp_path / "input.pt")
     (tmp_path / "spread.py").write_text(SPREAD)
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("RANK", "WORLD_SIZE"))}
     subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "spread.py", str(tmp_path / "input.pt")],
                    cwd=tmp_path, env=dict(env, OMP_NUM_THREADS="1"), check=True, capture_output=True, timeout=300)
-    one, one_fallbacks = tg.quantize_state_dict(state, hp.control_patterns, "gptq", hessians)[::3]
+    one, one_fallbacks = tg.quantize_state_dict(state, hp, hessians)[::3]
     for rank in range(2):
         tensors, fallbacks = torch.load(tmp_path / f"rank{rank}.pt")
         assert fallbacks == one_fallbacks == [names[3]]

@@ -3,12 +3,13 @@ zstd artifact round trip, and a quantised model that still predicts."""
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import TINY_ENV, tiny_model
+from conftest import SHORT, TINY_ENV, log_lines, run_in_process, tiny_model
 
 CPU = torch.device("cpu")
 FP16 = torch.float16
@@ -23,9 +24,9 @@ def quant_model(seed: int = 0, **overrides: str) -> tuple[tg.GPT, object]:
     return tiny_model(seed, **{**QUANT, **overrides})
 
 
-def pack(state, control_patterns, method="rowmax", hessians=None):
+def pack(state, hp, hessians=None):
     """Quantise and pack as train_gpt.py's export does: (artifact bytes, per-route statistics)."""
-    tensors, meta, stats, _ = tg.quantize_state_dict(state, control_patterns, method, hessians)
+    tensors, meta, stats, _ = tg.quantize_state_dict(state, hp, hessians)
     return tg.pack_artifact(tensors, meta), stats
 
 
@@ -71,12 +72,12 @@ def test_int6_rows_grid_and_error_bound():
     assert torch.equal(qr, torch.round(row / floor.float()))
 
 
-def test_int8_rows_grid_clip_and_error_bound():
+def test_embed_rows_grid_clip_and_error_bound():
     gen = torch.Generator().manual_seed(2)
     big = torch.randn(48, 512, generator=gen) * torch.linspace(1.0, 30.0, 48)[:, None]
     small = torch.randn(16, 512, generator=gen) * 0.01
     w = torch.cat([big, small])
-    q, scale = tg.int8_rows(w)
+    q, scale = tg.embed_rows(w)
     assert q.shape == w.shape and scale.dtype == FP16 and scale.numel() == w.shape[0]
     assert torch.equal(q, q.round()) and q.min() >= -127 and q.max() <= 127
     clip = torch.quantile(w.abs(), 0.9999984, dim=-1, keepdim=True)
@@ -137,7 +138,7 @@ def test_control_pattern_route_and_non_float_passthrough():
 
 def test_default_model_quantised_storage_and_dequantised_dtypes(default_model):
     state, hp = default_model
-    tensors, meta, stats, _ = tg.quantize_state_dict(state, hp.control_patterns)
+    tensors, meta, stats, _ = tg.quantize_state_dict(state, hp)
     assert set(meta) == set(state)
     assert stats["int6"].rows == 39_424 and stats["int8"].rows == 1024 + 2048
     assert set(stats) == {"int6", "int8"}
@@ -170,10 +171,10 @@ def test_default_model_quantised_storage_and_dequantised_dtypes(default_model):
 def test_artifact_round_trip_dtypes_shapes_and_values():
     model, hp = quant_model()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    blob, stats = pack(state, hp.control_patterns)
+    blob, stats = pack(state, hp)
     assert isinstance(blob, bytes) and blob[:4] == b"\x28\xb5\x2f\xfd", "zstd frame magic"
     out = tg.unpack_artifact(blob, state)
-    tensors, meta, _, _ = tg.quantize_state_dict(state, hp.control_patterns)
+    tensors, meta, _, _ = tg.quantize_state_dict(state, hp)
     assert list(out) == list(state)
     for name, t in state.items():
         assert out[name].dtype == t.dtype and out[name].shape == t.shape, name
@@ -194,9 +195,9 @@ def test_small_bf16_embeddings_pass_through_and_come_back_bf16():
     """Embeddings small enough for fp16 passthrough are stored fp16 and restored to their bf16 reference dtype."""
     model, hp = quant_model(VOCAB_SIZE="256", BIGRAM_VOCAB_SIZE="16")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    _, meta, _, _ = tg.quantize_state_dict(state, hp.control_patterns)
+    _, meta, _, _ = tg.quantize_state_dict(state, hp)
     assert meta["tok_emb.weight"] == meta["bigram.embed.weight"] == "passthrough"
-    out = tg.unpack_artifact(pack(state, hp.control_patterns)[0], state)
+    out = tg.unpack_artifact(pack(state, hp)[0], state)
     for name in ("tok_emb.weight", "bigram.embed.weight"):
         assert out[name].dtype == torch.bfloat16 and out[name].shape == state[name].shape
         assert torch.equal(out[name], state[name].half().bfloat16())
@@ -207,13 +208,13 @@ def test_small_bf16_embeddings_pass_through_and_come_back_bf16():
 def test_artifact_is_deterministic_and_content_sensitive():
     model, hp = quant_model()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    blob1, _ = pack(state, hp.control_patterns)
+    blob1, _ = pack(state, hp)
     again = {k: v.clone() for k, v in state.items()}
-    blob2, _ = pack(again, hp.control_patterns)
+    blob2, _ = pack(again, hp)
     assert blob1 == blob2
     changed = {k: v.clone() for k, v in state.items()}
     changed["blocks.1.mlp.fc.weight"][0, 0] += 1.0  # moves the value by many int6 steps
-    blob3, _ = pack(changed, hp.control_patterns)
+    blob3, _ = pack(changed, hp)
     assert blob3 != blob1
     assert not torch.equal(tg.unpack_artifact(blob3, state)["blocks.1.mlp.fc.weight"],
                            tg.unpack_artifact(blob1, state)["blocks.1.mlp.fc.weight"])
@@ -221,7 +222,7 @@ def test_artifact_is_deterministic_and_content_sensitive():
 
 def test_unpack_against_model_with_more_layers_raises_input_error():
     model, hp = quant_model()
-    blob, _ = pack(model.state_dict(), hp.control_patterns)
+    blob, _ = pack(model.state_dict(), hp)
     other, _ = quant_model(NUM_LAYERS="3")
     with pytest.raises(tg.InputError):
         tg.unpack_artifact(blob, other.state_dict())
@@ -235,7 +236,7 @@ def test_unpack_against_model_with_other_shapes_raises_input_error(override):
     """Same tensor names, different shapes (width, vocab, MLP): SPEC A5 asks for a one-line InputError that names
     the mismatch, not a tensor of the wrong shape handed to load_state_dict (a RuntimeError traceback)."""
     model, hp = quant_model()
-    blob, _ = pack(model.state_dict(), hp.control_patterns)
+    blob, _ = pack(model.state_dict(), hp)
     other, _ = quant_model(**override)
     assert set(other.state_dict()) == set(model.state_dict())
     with pytest.raises(tg.InputError):
@@ -244,7 +245,7 @@ def test_unpack_against_model_with_other_shapes_raises_input_error(override):
 
 def test_quantised_model_still_predicts():
     model, hp = quant_model(seed=3)
-    blob, _ = pack(model.state_dict(), hp.control_patterns)
+    blob, _ = pack(model.state_dict(), hp)
     fresh = tg.build_model(hp, CPU)
     fresh.load_state_dict(tg.unpack_artifact(blob, fresh.state_dict()), strict=True)
     fresh.eval()
@@ -291,7 +292,7 @@ def test_artifact_is_frames_cut_at_large_tensors_and_decompresses_to_torch_save_
     import zstandard
 
     state, hp = trained_like_state()
-    tensors, meta, _, _ = tg.quantize_state_dict(state, hp.control_patterns)
+    tensors, meta, _, _ = tg.quantize_state_dict(state, hp)
     blob = tg.pack_artifact(tensors, meta)
     buf = io.BytesIO()
     torch.save({"w": tensors, "m": meta}, buf)
@@ -307,3 +308,92 @@ def test_artifact_is_frames_cut_at_large_tensors_and_decompresses_to_torch_save_
     assert all(torch.equal(a, b) for a, b in zip(tg.unpack_artifact(single, state).values(),
                                                  tg.unpack_artifact(blob, state).values()))
     assert len(blob) < len(single)
+
+
+# ------------------------------------------------------------------------------------------------- issue 19: bytes
+
+@pytest.mark.parametrize("method", ["zstd", "brotli", "lzma"])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_every_compressor_round_trips_exactly_and_deterministically(method, shuffle):
+    model, hp = quant_model()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tensors, meta, _, _ = tg.quantize_state_dict(state, hp)
+    blob = tg.pack_artifact(tensors, meta, method, shuffle)
+    assert blob == tg.pack_artifact(tensors, meta, method, shuffle)
+    assert blob.startswith({"zstd": b"\x28\xb5\x2f\xfd", "brotli": b"BRT\x01", "lzma": b"\xfd7zXZ\x00"}[method])
+    reference = tg.unpack_artifact(tg.pack_artifact(tensors, meta), state)
+    out = tg.unpack_artifact(blob, state)  # the reader tells the compressor and the shuffle from the bytes
+    assert list(out) == list(reference) and all(torch.equal(out[k], reference[k]) for k in out)
+
+
+def test_the_shuffle_stores_even_bytes_then_odd_ones():
+    model, hp = quant_model()
+    tensors, meta, _, _ = tg.quantize_state_dict(model.state_dict(), hp)
+    import io
+    import zstandard
+
+    buf = io.BytesIO()
+    torch.save({"w": {k: v.cpu() for k, v in tensors.items()}, "m": meta}, buf)
+    raw = buf.getvalue()
+    stored = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True).decompress(
+        tg.pack_artifact(tensors, meta, "zstd", True))
+    even = len(raw) // 2 * 2
+    assert stored == b"BSHF\x02" + raw[0:even:2] + raw[1:even:2] + raw[even:]
+
+
+def test_sigma_clip_is_k_standard_deviations_and_gptq_keeps_its_scales():
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 300, generator=gen) * torch.logspace(-1.5, 0.5, 64)[:, None]
+    w[3] = 0.0  # a zero row: the least normal fp16 scale, all zeros
+    q, scale = tg.sigma_rows(w, 12.85, 31)
+    assert torch.equal(scale[:3].float(), (12.85 * w[:3].std(dim=-1, keepdim=True) / 31).half().float())
+    assert q.abs().max() <= 31 and torch.equal(q[3], torch.zeros(300)) and scale[3].item() == 2.0 ** -14
+    assert torch.equal(q, torch.clamp(torch.round(w / scale.float()), -31, 31))
+    loose, _ = tg.sigma_rows(w, 20.0, 31)
+    assert (loose.abs() <= q.abs()).all() and loose.abs().sum() < q.abs().sum()  # larger k: coarser, fewer levels
+    x = torch.randn(2000, 300, generator=gen)
+    hp = tg.read_hyperparameters({"QUANT_METHOD": "gptq", "QUANT_CLIP": "sigma"})
+    gq, gscale, fell_back = tg.int6_quantize("blocks.0.mlp.fc.weight", w, hp, {"blocks.0.mlp.fc.weight": x.T @ x})
+    assert torch.equal(gscale, scale) and not fell_back and not torch.equal(gq, q)
+
+
+@pytest.mark.parametrize("bits", [6, 7, 8])
+def test_embedding_bits_and_gptq_for_the_tied_head(bits):
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(256, 96, generator=gen) * 0.3
+    qmax = 2 ** (bits - 1) - 1
+    q, scale = tg.embed_rows(w, qmax)
+    assert q.abs().max() == qmax and torch.equal(q, q.round())
+    if bits == 8:  # the seed's int8 rows, value for value
+        clip = torch.quantile(w.abs(), 0.9999984, dim=-1, keepdim=True)
+        assert torch.equal(scale, (clip / 127).clamp_min(1 / 127).half())
+    mix = torch.eye(96) + torch.randn(96, 96, generator=gen) / 8  # correlated head inputs
+    x, held_out = (torch.randn(3000, 96, generator=gen) @ mix for _ in range(2))
+    hp = tg.read_hyperparameters({"QUANT_METHOD": "gptq", "EMBED_BITS": str(bits)})
+    gq, gscale, fell_back = tg.embedding_quantize("tok_emb.weight", w, hp, {"tok_emb.weight": x.T @ x})
+    assert torch.equal(gscale, scale) and not fell_back and gq.abs().max() <= qmax
+    error = lambda qq: float(((w - qq * scale.float()) @ held_out.T).square().sum())  # noqa: E731
+    assert error(gq) < 0.9 * error(q)  # GPTQ lowers the head's output error on held-out inputs
+    assert tg.embedding_quantize("bigram.embed.weight", w, hp, {})[0].equal(q)  # a lookup table: no head, no GPTQ
+
+
+def test_brotli_missing_is_an_error_at_start_up(tmp_path, tiny_data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "brotli", None)
+    with pytest.raises(tg.InputError, match=r"COMPRESSOR=brotli needs the brotli package"):
+        run_in_process(tmp_path, tiny_data, COMPRESSOR="brotli")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("settings", [
+    dict(COMPRESSOR="brotli", BYTE_SHUFFLE="1", QUANT_METHOD="gptq", QUANT_CLIP="sigma", EMBED_BITS="7"),
+    dict(COMPRESSOR="lzma", EMBED_BITS="6"),
+], ids=["brotli-shuffle-sdclip-gptq-embed7", "lzma-embed6"])
+def test_each_artifact_kind_is_reproduced_by_eval_only(tmp_path, tiny_data, settings):
+    env = dict(SHORT, MODEL_DIM="96", MLP_MULT="8", **settings)  # the embedding and the MLP over the fp16 size
+    assert run_in_process(tmp_path, tiny_data, **env) == 0
+    lines = log_lines(tmp_path)
+    assert any(line.startswith(f"Serialized model int6+{settings['COMPRESSOR']}: ") for line in lines)
+    assert any(f"bits:{settings['EMBED_BITS']}" in line for line in lines if line.startswith("quant:int8"))
+    assert run_in_process(tmp_path, tiny_data, RUN_ID="again", EVAL_ONLY="final_model.int6.ptz", **env) == 0
+    exact = [line for line in lines if line.startswith("final_int6_roundtrip_exact")]
+    assert exact and [x for x in log_lines(tmp_path, "again") if x.startswith("final_int6_roundtrip_exact")] == exact
