@@ -20,6 +20,7 @@ from make_shards import write_shard  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("PG_SHARED_DATA", REPO.parent / "shared" / "data"))
 TOKENIZER = SHARED_DATA / "fineweb_1024_bpe.model"
+TOKENIZER_8192 = SHARED_DATA / "fineweb_8192_bpe.model"
 DOCS = SHARED_DATA / "fineweb_docs_200.jsonl"
 VAL_SHARD = SHARED_DATA / "fineweb_val_000000.bin"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -168,6 +169,14 @@ def tiny_data(tmp_path_factory) -> Path:
     if not (TOKENIZER.is_file() and DOCS.is_file()):
         pytest.skip(f"real tokenizer/documents not found in {SHARED_DATA} (set PG_SHARED_DATA)")
     return build_tiny_dataset(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data_8192(tmp_path_factory) -> Path:
+    """The same documents through the 8,192-token SentencePiece model (a public record's)."""
+    if not (TOKENIZER_8192.is_file() and DOCS.is_file()):
+        pytest.skip(f"the 8,192-token tokenizer or the documents are not in {SHARED_DATA} (set PG_SHARED_DATA)")
+    return build_tiny_dataset(tmp_path_factory.mktemp("tiny_data_8192"), tokenizer=TOKENIZER_8192)
 
 
 @pytest.fixture(scope="session")
