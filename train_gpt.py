@@ -44,7 +44,8 @@ except ImportError:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Hyperparameters: env var -> default (its type is the default's). Defaults are the seed run; attributes are the
-# lower-cased names. Everything after XSA_LAST_N is off by default: the lineage's flags (LINEAGE.md).
+# lower-cased names. Everything after XSA_LAST_N is off by default: the lineage's flags (LINEAGE.md and
+# LINEAGE_APRIL.md).
 
 HPARAMS = dict(
     DATA_PATH="./data/datasets/fineweb10B_sp1024",
@@ -933,9 +934,11 @@ def clipsearch_rows(w: Tensor, qmax: int = 31) -> tuple[Tensor, Tensor]:
 def gptq_rows(w: Tensor, h: Tensor, scale: Tensor, qmax: int = 31, block: int = 128) -> Tensor | None:
     """GPTQ on the grid [-qmax, qmax] with fixed row scales: columns in order of decreasing H_jj, each one's
     rounding error spread over the columns not yet quantised through the upper Cholesky factor of H^-1, which
-    lowers the output error tr((W - Q) H (W - Q)^T). None if H is not positive definite even after damping."""
+    lowers the output error tr((W - Q) H (W - Q)^T). None if H is not positive definite even after damping, or zero."""
     w, h, s = w.float().clone(), h.float().clone(), scale.float()
     dead = h.diagonal() == 0  # inputs never active in calibration
+    if dead.all():  # a matrix calibration never reached: nothing to weigh its error by
+        return None
     h[dead, dead] = 1
     w[:, dead] = 0
     h.diagonal().add_(0.01 * h.diagonal().mean())
@@ -1515,7 +1518,7 @@ def write_artifact(quantized, path: str, hp: SimpleNamespace, rt: SimpleNamespac
     tensors, meta, stats, fallbacks = quantized
     if rt.rank == 0:
         for name in fallbacks:
-            log(f"gptq:fallback {name} reason:Hessian not positive definite, used clipsearch")
+            log(f"gptq:fallback {name} reason:Hessian zero or not positive definite, rounded to nearest")
         for route, st in sorted(stats.items()):
             method = ("gptq" if hp.quant_method == "gptq" else "rowclip") if route == "int8" else hp.quant_method
             method += " clip:" + ("sigma" if hp.quant_clip == "sigma" else "per_row") if method != "rowmax" else ""

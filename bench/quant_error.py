@@ -39,6 +39,9 @@ QUANTISERS = [  # (label, settings): the seed's, then the lineage's, then the SP
     ("gptq", dict(QUANT_METHOD="gptq")),
     ("sigma 12.85, RTN", dict(QUANT_METHOD="clipsearch", QUANT_CLIP="sigma")),
     ("gptq + sigma 12.85", dict(QUANT_METHOD="gptq", QUANT_CLIP="sigma")),
+    ("gptq + sigma 12.85, embed k 8", dict(QUANT_METHOD="gptq", QUANT_CLIP="sigma", EMBED_CLIP_SIGMAS="8")),
+    ("gptq + sigma 12.85, embed k 8, 7 bits", dict(QUANT_METHOD="gptq", QUANT_CLIP="sigma", EMBED_CLIP_SIGMAS="8",
+                                                   EMBED_BITS="7")),
     ("gptq + sigma, embed 7 bits", dict(QUANT_METHOD="gptq", QUANT_CLIP="sigma", EMBED_BITS="7")),
     ("gptq + sigma, embed 6 bits", dict(QUANT_METHOD="gptq", QUANT_CLIP="sigma", EMBED_BITS="6")),
     ("rowmax, embed 7 bits (no GPTQ)", dict(EMBED_BITS="7")),
@@ -47,8 +50,10 @@ COMPRESSORS = [(c, s) for c in ("zstd", "brotli", "lzma") for s in ("0", "1")]
 
 
 def all_int6(real_route):
+    """The script's routing, with every block matrix (a linear layer's weight) int6 whatever its size."""
     def route(name, t, patterns):
-        return "int6" if name.startswith("blocks.") and t.ndim == 2 else real_route(name, t, patterns)
+        matrix = name.startswith("blocks.") and name.endswith(".weight") and t.ndim == 2
+        return "int6" if matrix and not any(p in name for p in patterns) else real_route(name, t, patterns)
     return route
 
 

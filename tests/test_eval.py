@@ -164,7 +164,8 @@ def test_rank_slices_cover_every_window_once(monkeypatch, world_size, total, win
     recorder = RecordingAllReduce()
     monkeypatch.setattr(tg.dist, "all_reduce", recorder)
     if world_size == 1:
-        loss, _, tokens, nbytes = tg.evaluate(scorer_of(position_free_logits_fn), toks, luts, window, stride, batch, 0, 1)
+        loss, _, tokens, nbytes = tg.evaluate(scorer_of(position_free_logits_fn), toks, luts, window, stride, batch,
+                                              0, 1)
         assert recorder.parts == [], "a single process must not all-reduce"
         sums = torch.tensor([loss * tokens, tokens, nbytes], dtype=torch.float64)
     else:

@@ -115,7 +115,8 @@ def test_ctrl_c_under_torchrun_is_one_line_exit_130_and_no_artifact(tmp_path, ti
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     ours = [line for line in err.splitlines() if line.startswith("interrupted")]
-    assert len(ours) == 1 and re.fullmatch(r"interrupted at step \d+ \(train_time \d+ ms\): no artifact written", ours[0])
+    assert len(ours) == 1
+    assert re.fullmatch(r"interrupted at step \d+ \(train_time \d+ ms\): no artifact written", ours[0])
     lines = log_lines(tmp_path)
     assert lines[-1] == ours[0] and "artifact:removed the final_model.int6.ptz of an earlier run" in lines
     assert not (tmp_path / "final_model.int6.ptz").exists() and not list(tmp_path.glob("*.tmp"))
