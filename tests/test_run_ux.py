@@ -96,7 +96,7 @@ def test_a_corrupt_artifact_is_refused_before_anything_is_written(tmp_path, tiny
     bad = {"truncated": good[: len(good) // 2], "garbage": os.urandom(4000),
            "not_a_checkpoint": __import__("zstandard").ZstdCompressor().compress(b"hello")}[damage]
     (tmp_path / "art.ptz").write_bytes(bad)
-    with pytest.raises(tg.InputError, match=r"^EVAL_ONLY=art.ptz: not a valid int6\+zstd artifact \("):
+    with pytest.raises(tg.InputError, match=r"^EVAL_ONLY=art.ptz: not a valid artifact \("):
         run_in_process(tmp_path, tiny_data, EVAL_ONLY="art.ptz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art.ptz"]
 
