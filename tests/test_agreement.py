@@ -54,10 +54,10 @@ with open(f"rank{{rank}}.json", "w") as f:
 sys.exit(status)
 """
 
-# Capped at 2.5 s of training with a time-based warmdown over the last 10 steps' worth of time, a snapshot every
+# Capped at 2 s of training with a time-based warmdown over the last 10 steps' worth of time, a snapshot every
 # step once the LR multiplier is below 0.5, a loop switched on at half the budget, and TTT whose 0.6 s cap bites
 # before the last of its 8 chunks.
-SKEWED = dict(MAX_WALLCLOCK_SECONDS="2.5", ITERATIONS="100000", WARMDOWN_ITERS="10", SWA_EVERY="1",
+SKEWED = dict(MAX_WALLCLOCK_SECONDS="2", ITERATIONS="100000", WARMDOWN_ITERS="10", SWA_EVERY="1",
               VAL_LOSS_EVERY="0", LOOP_LAYERS="1-1", LOOP_START="0.5", TTT_ENABLED="1", TTT_CHUNK_TOKENS="512",
               TTT_MAX_SECONDS="0.6", TRAIN_LOG_EVERY="1", WARMUP_STEPS="1")
 

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 import train_gpt as tg
-from conftest import REPO, SHORT, field, lines_starting, log_lines, run_in_process, run_tiny_training
+from conftest import (REPO, SHORT, build_tiny_dataset, field, lines_starting, log_lines, needs_shared, run_in_process,
+                      run_tiny_training)
 
 FINAL = ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact")
 
@@ -122,8 +123,10 @@ def test_over_the_size_limit_is_loud_and_fails(tiny_run, tiny_data, monkeypatch)
     assert lines_starting(lines, "summary: bytes")[0].endswith(" exceeded")
 
 
-def test_short_uncapped_runs_warn_and_full_validation_is_not_a_subset(tmp_path, tiny_data):
-    assert run_in_process(tmp_path, tiny_data, ITERATIONS="4", WARMUP_STEPS="0", VAL_LOSS_EVERY="0",
+@needs_shared
+def test_short_uncapped_runs_warn_and_full_validation_is_not_a_subset(tmp_path):
+    data = build_tiny_dataset(tmp_path / "data", val_docs=2)  # a small validation set, scored whole
+    assert run_in_process(tmp_path, data, ITERATIONS="4", WARMUP_STEPS="0", VAL_LOSS_EVERY="0",
                           EVAL_STRIDE="0", VAL_MAX_TOKENS="0") == 0
     lines = log_lines(tmp_path)
     assert "warning: WARMDOWN_ITERS=10 > ITERATIONS=4: the learning rate starts at 0.400 of its value and only " \

@@ -253,7 +253,7 @@ STACK = dict(NUM_LAYERS="4", XSA_LAST_N="4", LOOP_LAYERS="1-2", LOOP_EXTRA="2", 
 
 
 def test_the_stack_runs_end_to_end_and_eval_only_rebuilds_it(tmp_path, tiny_data):
-    env = dict(STACK, TTT_ENABLED="1", TTT_CHUNK_TOKENS="512")
+    env = dict(STACK, TTT_ENABLED="1", TTT_CHUNK_TOKENS="512", TTT_EPOCHS="1")
     assert run_in_process(tmp_path, tiny_data, **env) == 0
     lines = log_lines(tmp_path)
     assert [line for line in lines if line.startswith("loop:on")] == ["loop:on step:3 virtual_layers:6",
@@ -289,9 +289,10 @@ def test_the_stack_compiles_every_graph_in_the_warmup(tmp_path, tiny_data, monke
     monkeypatch.setattr(tg.AgreedClock, "__init__", after_warmup)
     monkeypatch.setattr(tg, "replica_checksums", after_training)
     torch._dynamo.reset()
-    assert run_in_process(tmp_path, tiny_data, COMPILE="1", EVAL_STRIDE="0", **STACK) == 0
+    env = dict(STACK, COMPILE="1", EVAL_STRIDE="0", LOOP_EXTRA="1", LOOP_START="0.3")  # one switch, two shapes
+    assert run_in_process(tmp_path, tiny_data, **env) == 0
     lines = log_lines(tmp_path)
     assert "attention_backend:sdpa compile:1 device:cpu reason:flash_attn_interface is not installed" in lines
-    assert len([line for line in lines if line.startswith("loop:on")]) == 2
+    assert len([line for line in lines if line.startswith("loop:on")]) == 1
     assert graphs["warmup"] > 0 and graphs["training"] == graphs["warmup"]
     torch._dynamo.reset()
