@@ -1291,8 +1291,10 @@ class AgreedClock:
         return self.ms + (step - self.steps) * self.ms / self.steps if self.steps else self.ms
 
     def would_pass(self, step: int, limit_ms: float) -> bool:
-        """Would step `step` + 1 end past limit_ms, were it as slow as the slowest of the latest steps?"""
-        return self.ms + (step + 1 - self.steps) * max(self.recent, default=0.0) > limit_ms
+        """Would step `step` + 1 end past limit_ms, with one step to spare, were the steps as slow as the slowest of
+        the latest? The spare step is for jitter: of steady steps with noise, one in nine is slower than the eight
+        before it, and it must not carry training past the cap."""
+        return self.ms + (step + 2 - self.steps) * max(self.recent, default=0.0) > limit_ms
 
 
 def replica_checksums(model: nn.Module, rt: SimpleNamespace) -> list[int]:
