@@ -1443,6 +1443,10 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, lu
         log(f"ema:applying decay:{hp.ema_decay}" if hp.ema_decay
             else f"swa:applying averaged {average.count} checkpoints")
         base_model.load_state_dict(average.averaged())
+    if base_model.loop_passes < len(hp.loop_starts):  # training ended before a switch
+        base_model.set_loop_passes(len(hp.loop_starts))
+        log(f"loop:on step:{step} virtual_layers:{len(base_model.virtual_layers())} (at the end of training: the "
+            "artifact runs the final shape, which EVAL_ONLY rebuilds)")
     base_model.eval()
     checksums = replica_checksums(base_model, rt)
     identical = len(set(checksums)) == 1

@@ -187,6 +187,29 @@ def test_the_switch_changes_the_path_not_a_weight():
     assert [tg.loop_passes(s, 0.0, hp) for s in (0, 29, 30, 59, 60, 99)] == [0, 0, 1, 1, 2, 2]
 
 
+
+def test_a_run_that_ends_before_the_switch_exports_the_final_shape(tmp_path, tiny_data, monkeypatch):
+    """LOOP_START=0.9 of 5 steps is never reached inside the loop (steps 0-4 are at 0-0.8 of the budget): the
+    switch happens at the end, so GPTQ, the export and the final evaluations all see the shape EVAL_ONLY rebuilds,
+    the untied pass holding a copy of the trained MLP rather than its never-trained initialisation."""
+    exported = {}
+    quantize = tg.quantize_state_dict
+
+    def spy(state, *args, **kwargs):
+        exported.update({k: v.detach().clone() for k, v in state.items()})
+        return quantize(state, *args, **kwargs)
+
+    monkeypatch.setattr(tg, "quantize_state_dict", spy)
+    env = dict(LOOP_LAYERS="1-1", LOOP_UNTIE_MLP="1", LOOP_START="0.9", ITERATIONS="5", QUANT_METHOD="gptq",
+               GPTQ_CALIB_SEQS="2", EVAL_STRIDE="0")
+    assert run_in_process(tmp_path, tiny_data, **env) == 0
+    lines = log_lines(tmp_path)
+    assert [line for line in lines if line.startswith("loop:on")] == [
+        "loop:on step:5 virtual_layers:4 (at the end of training: the artifact runs the final shape, which "
+        "EVAL_ONLY rebuilds)"]
+    for name in ("fc.weight", "proj.weight"):
+        assert torch.equal(exported[f"blocks.1.loop_mlps.0.{name}"], exported[f"blocks.1.mlp.{name}"])
+
 def test_parallel_blocks_follow_their_formulas():
     gptj, _ = tiny_model(NUM_LAYERS="4", PARALLEL_START="2")
     lanes, _ = tiny_model(NUM_LAYERS="4", PARALLEL_START="2", PARALLEL_MODE="lanes")
