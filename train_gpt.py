@@ -669,14 +669,17 @@ class GPT(nn.Module):
                 skips.append(x)
         return rms_norm(x if lanes is None else (lanes[0] + lanes[1]) / 2)
 
-    def set_loop_passes(self, n: int) -> None:
+    def set_loop_passes(self, n: int) -> list[tuple[str, str]]:
         """Switches extra passes on. An untied pass starts as a copy of its block's MLP: the switch changes the
-        path, not a weight."""
+        path, not a weight. Returns the (source, copy) state-dict prefixes copied."""
+        copied = []
         for k in range(self.loop_passes + 1, n + 1):
-            for block in self.blocks:
+            for i, block in enumerate(self.blocks):
                 if block.loop_mlps is not None:
                     block.loop_mlps[k - 1].load_state_dict(block.mlp.state_dict())
+                    copied.append((f"blocks.{i}.mlp.", f"blocks.{i}.loop_mlps.{k - 1}."))
         self.loop_passes = n
+        return copied
 
     def virtual_layers(self) -> list[tuple[int, int]]:
         """(physical layer, pass) in running order: the loop segment a..b again after b, once per pass on."""
@@ -1254,6 +1257,15 @@ class WeightAverage:
     def averaged(self) -> dict[str, Tensor]:
         return {k: (a if self.decay else a / self.count).to(self.live[k].dtype) for k, a in self.acc.items()}
 
+    @torch.no_grad()
+    def copy(self, prefixes: list[tuple[str, str]]) -> None:
+        """The average of each copy starts as its source's (an untied loop pass switched on: otherwise its average
+        would keep the initialisation the pass never trained from, 0.997^n of it after n EMA steps)."""
+        for source, copy in prefixes:
+            for k in self.acc:
+                if k.startswith(copy):
+                    self.acc[k].copy_(self.acc[source + k[len(copy):]])
+
 
 class AgreedClock:
     """Training time as every rank agrees on it: each rank's own reading, reduced with MAX over the ranks. Every
@@ -1417,7 +1429,9 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, lu
                 log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{hp.iterations}")
             break
         if (passes := loop_passes(step, clock.at(step), hp)) != base_model.loop_passes:
-            base_model.set_loop_passes(passes)
+            copied = base_model.set_loop_passes(passes)
+            if average is not None:
+                average.copy(copied)
             log(f"loop:on step:{step} virtual_layers:{len(base_model.virtual_layers())}")
         scale = lr_multiplier(step, clock.at(step), hp)
         train_loss = train_step(loader, step, scale)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
 import train_gpt as tg
@@ -95,6 +96,55 @@ def test_ema_is_the_reference_recurrence():
         for p in model.parameters():
             p.mul_(2.0)
     assert all(torch.equal(before[k], a) for k, a in ema.acc.items())
+
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.0])
+def test_an_untied_pass_averages_from_its_blocks_mlp_at_the_switch(decay):
+    """EMA and SWA: when an untied loop pass is switched on (a copy of its block's MLP), its average becomes the
+    block MLP's average, not that of its never-trained initialisation; after the switch each averages on its own."""
+    model, _ = tiny_model(NUM_LAYERS="4", LOOP_LAYERS="1-2", LOOP_UNTIE_MLP="1")
+    model.loop_passes = 0
+    average = tg.WeightAverage(model, decay)
+
+    def train_a_step():
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        average.update()
+
+    for _ in range(3):
+        train_a_step()
+    copied = model.set_loop_passes(1)
+    assert copied == [("blocks.1.mlp.", "blocks.1.loop_mlps.0."), ("blocks.2.mlp.", "blocks.2.loop_mlps.0.")]
+    average.copy(copied)
+    avg = average.averaged()
+    for layer in (1, 2):
+        for name in ("fc.weight", "proj.weight"):
+            assert torch.equal(avg[f"blocks.{layer}.loop_mlps.0.{name}"], avg[f"blocks.{layer}.mlp.{name}"])
+    before = {k: a.clone() for k, a in average.acc.items()}
+    train_a_step()
+    live = model.state_dict()
+    for key in ("blocks.1.loop_mlps.0.fc.weight", "blocks.1.mlp.fc.weight"):
+        want = decay * before[key] + (1 - decay) * live[key].float() if decay else before[key] + live[key].float()
+        assert torch.allclose(average.acc[key], want, rtol=1e-6, atol=1e-7), key
+    assert not torch.equal(average.acc["blocks.1.loop_mlps.0.fc.weight"], average.acc["blocks.1.mlp.fc.weight"])
+
+
+def test_a_run_averages_an_untied_pass_from_its_switch_on(tmp_path, tiny_data, monkeypatch):
+    """End to end with EMA and an untied pass switched on mid-run: the exported pass MLP is the EMA recurrence
+    computed here over the block MLP's snapshots before the switch and the pass's own after it."""
+    decay = 0.5
+    recorded, lines = recorded_run(monkeypatch, tmp_path, tiny_data, ITERATIONS="6", EMA_DECAY=str(decay),
+                                   LOOP_LAYERS="1-1", LOOP_UNTIE_MLP="1", LOOP_START="0.5", VAL_LOSS_EVERY="0")
+    assert "loop:on step:3 virtual_layers:4" in lines and len(recorded["snapshots"]) == 6
+    for name in ("fc.weight", "proj.weight"):
+        block, loop = f"blocks.1.mlp.{name}", f"blocks.1.loop_mlps.0.{name}"
+        ema = recorded["initial"][block].float()
+        for i, snapshot in enumerate(recorded["snapshots"]):  # snapshot i: after step i + 1
+            ema = decay * ema + (1 - decay) * snapshot[block if i < 3 else loop].float()
+        got = recorded["exported"][loop]
+        assert torch.allclose(got.float(), ema, rtol=1e-5, atol=1e-7 if got.dtype == torch.float32 else 1e-2), name
 
 
 def test_swa_accumulators_never_alias_the_weights():
