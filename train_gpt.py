@@ -1261,10 +1261,10 @@ class WeightAverage:
     def copy(self, prefixes: list[tuple[str, str]]) -> None:
         """The average of each copy starts as its source's (an untied loop pass switched on: otherwise its average
         would keep the initialisation the pass never trained from, 0.997^n of it after n EMA steps)."""
-        for source, copy in prefixes:
+        for source, target in prefixes:
             for k in self.acc:
-                if k.startswith(copy):
-                    self.acc[k].copy_(self.acc[source + k[len(copy):]])
+                if k.startswith(target):
+                    self.acc[k].copy_(self.acc[source + k[len(target):]])
 
 
 class AgreedClock:
