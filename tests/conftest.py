@@ -133,6 +133,38 @@ def run_in_process(workdir: Path, data: Path, script: Path | None = None, **env:
         torch.set_num_threads(saved[2])
 
 
+def recorded_run(monkeypatch, workdir, tiny_data, **env):
+    """An in-process tiny run; returns what the weight average saw and what the quantiser was given, and the log."""
+    import train_gpt as tg
+
+    recorded = dict(snapshots=[], initial={}, live_at_end={}, exported={})
+
+    class Recording(tg.WeightAverage):
+        def __init__(self, model, decay=0.0):
+            super().__init__(model, decay)
+            recorded["initial"] = {k: v.detach().clone() for k, v in self.live.items()}
+
+        def update(self):
+            super().update()
+            recorded["snapshots"].append({k: v.detach().clone() for k, v in self.live.items()})
+
+        def averaged(self):
+            recorded["live_at_end"] = {k: v.detach().clone() for k, v in self.live.items()}
+            return super().averaged()
+
+    quantize = tg.quantize_state_dict
+
+    def spy(state, *args, **kwargs):
+        recorded["exported"] = {k: v.detach().clone() for k, v in state.items()}
+        return quantize(state, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tg, "WeightAverage", Recording)
+        patch.setattr(tg, "quantize_state_dict", spy)
+        assert run_in_process(workdir, tiny_data, **env) == 0
+    return recorded, log_lines(workdir)
+
+
 def log_lines(workdir: Path, run_id: str = "tiny") -> list[str]:
     return (workdir / "logs" / f"{run_id}.txt").read_text(encoding="utf-8").splitlines()
 

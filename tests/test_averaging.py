@@ -12,37 +12,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import TINY_ENV, log_lines, run_in_process, tiny_model
-
-
-def recorded_run(monkeypatch, workdir, tiny_data, **env):
-    """An in-process tiny run; returns what the weight average saw and what the quantiser was given, and the log."""
-    recorded = dict(snapshots=[], initial={}, live_at_end={}, exported={})
-
-    class Recording(tg.WeightAverage):
-        def __init__(self, model, decay=0.0):
-            super().__init__(model, decay)
-            recorded["initial"] = {k: v.detach().clone() for k, v in self.live.items()}
-
-        def update(self):
-            super().update()
-            recorded["snapshots"].append({k: v.detach().clone() for k, v in self.live.items()})
-
-        def averaged(self):
-            recorded["live_at_end"] = {k: v.detach().clone() for k, v in self.live.items()}
-            return super().averaged()
-
-    quantize = tg.quantize_state_dict
-
-    def spy(state, *args, **kwargs):
-        recorded["exported"] = {k: v.detach().clone() for k, v in state.items()}
-        return quantize(state, *args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(tg, "WeightAverage", Recording)
-        patch.setattr(tg, "quantize_state_dict", spy)
-        assert run_in_process(workdir, tiny_data, **env) == 0
-    return recorded, log_lines(workdir)
+from conftest import TINY_ENV, log_lines, recorded_run, run_in_process, tiny_model
 
 
 # 12 steps, a snapshot every step once the LR multiplier is below 0.5 (steps 11 and 12), every train loss logged.

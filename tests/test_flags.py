@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import SHORT, TINY_ENV, field, log_lines, run_in_process, tiny_model
+from conftest import SHORT, TINY_ENV, field, log_lines, recorded_run, run_in_process, tiny_model
 
 CPU = torch.device("cpu")
 
@@ -192,23 +192,16 @@ def test_a_run_that_ends_before_the_switch_exports_the_final_shape(tmp_path, tin
     """LOOP_START=0.9 of 5 steps is never reached inside the loop (steps 0-4 are at 0-0.8 of the budget): the
     switch happens at the end, so GPTQ, the export and the final evaluations all see the shape EVAL_ONLY rebuilds,
     the untied pass holding a copy of the trained MLP rather than its never-trained initialisation."""
-    exported = {}
-    quantize = tg.quantize_state_dict
-
-    def spy(state, *args, **kwargs):
-        exported.update({k: v.detach().clone() for k, v in state.items()})
-        return quantize(state, *args, **kwargs)
-
-    monkeypatch.setattr(tg, "quantize_state_dict", spy)
     env = dict(LOOP_LAYERS="1-1", LOOP_UNTIE_MLP="1", LOOP_START="0.9", ITERATIONS="5", QUANT_METHOD="gptq",
                GPTQ_CALIB_SEQS="2", EVAL_STRIDE="0")
-    assert run_in_process(tmp_path, tiny_data, **env) == 0
-    lines = log_lines(tmp_path)
+    recorded, lines = recorded_run(monkeypatch, tmp_path, tiny_data, **env)
+    exported = recorded["exported"]
     assert [line for line in lines if line.startswith("loop:on")] == [
         "loop:on step:5 virtual_layers:4 (at the end of training: the artifact runs the final shape, which "
         "EVAL_ONLY rebuilds)"]
     for name in ("fc.weight", "proj.weight"):
         assert torch.equal(exported[f"blocks.1.loop_mlps.0.{name}"], exported[f"blocks.1.mlp.{name}"])
+
 
 def test_parallel_blocks_follow_their_formulas():
     gptj, _ = tiny_model(NUM_LAYERS="4", PARALLEL_START="2")
