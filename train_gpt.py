@@ -1267,36 +1267,69 @@ class WeightAverage:
                     self.acc[k].copy_(self.acc[source + k[len(target):]])
 
 
-class AgreedClock:
-    """Training time as every rank agrees on it: each rank's own reading, reduced with MAX over the ranks. Every
-    decision that depends on time (the learning rate, SWA, the stop, any schedule switch) reads this clock, never a
-    rank's own, so all ranks decide alike. On CUDA a reading is voted after each step and read back one step later
-    through pinned memory, so the host never waits for the step it has just queued; a reading taken when step s is
-    queued counts as the time step s - 2 ended (the host has waited for that one, no more), which errs late."""
+class StepTimer:
+    """Local training time at the end of each step, as the device saw it. On the CPU the work is synchronous: a
+    step has ended when it returns. On CUDA an event is recorded after each queued step and timed against the
+    segment's start event once the host has waited for that event, so a reading is exact however far the host runs
+    ahead of the device. `lag` is how many steps a reading is left pending before it is read: on CUDA 2, so the host
+    never waits for the step it has just queued nor the one before it."""
 
     def __init__(self, rt: SimpleNamespace):
-        self.rt, self.pending = rt, None
+        self.cuda, self.lag = rt.cuda, 2 if rt.cuda else 0
+        self.offset, self.origin = 0.0, None
+
+    def start(self, offset_ms: float) -> None:
+        """A timed segment begins now, at local training time offset_ms (after a pause the clock resumes there)."""
+        self.offset = offset_ms
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.origin = torch.cuda.Event(enable_timing=True)
+            self.origin.record()
+        else:
+            self.origin = time.perf_counter()
+
+    def mark(self):
+        """A handle on the end of the work queued so far (the step just queued)."""
+        if not self.cuda:
+            return self.offset + 1000 * (time.perf_counter() - self.origin)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        return self.offset, self.origin, end
+
+    def read(self, handle) -> float:
+        """The local training time (ms) at which the marked work ended; waits for it on CUDA."""
+        if not self.cuda:
+            return handle
+        offset, origin, end = handle
+        end.synchronize()
+        return offset + origin.elapsed_time(end)
+
+    def now(self) -> float:
+        """The local training time once all queued work has ended."""
+        return self.read(self.mark())
+
+
+class AgreedClock:
+    """Training time as every rank agrees on it. After each step the StepTimer's exact reading of a step's end is
+    voted with MAX over the ranks, `lag` steps after that step was queued (the first step's at once), so every rank
+    knows the same end times at the same step and takes every decision that depends on time (the learning rate,
+    SWA, the stop, a loop switch) alike. Between readings the clock extrapolates at the mean step time."""
+
+    def __init__(self, timer: StepTimer, rt: SimpleNamespace):
+        self.timer, self.rt, self.pending = timer, rt, collections.deque()
         self.ms, self.steps = 0.0, 0  # agreed: the training time at which `steps` steps had ended
         self.recent = collections.deque(maxlen=8)  # agreed times of the latest steps
 
-    def record(self, local_ms: float, step: int) -> None:
-        reading = torch.full((), local_ms, dtype=torch.float64, device=self.rt.device)
-        if self.rt.distributed:
-            dist.all_reduce(reading, op=dist.ReduceOp.MAX)
-        if not self.rt.cuda:
-            return self.agree(reading.item(), step)
-        host = torch.empty((), dtype=torch.float64, pin_memory=True).copy_(reading, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        previous, self.pending = self.pending, (host, event, max(step - 2, 0))
-        if previous is not None:
-            previous[1].synchronize()
-            self.agree(previous[0].item(), previous[2])
+    def step_ended(self, step: int) -> None:
+        """Step `step` has been queued: mark its end; read and vote every pending step up to step - lag."""
+        self.pending.append((step, self.timer.mark()))
+        while self.pending and self.pending[0][0] <= max(step - self.timer.lag, 1):
+            done, handle = self.pending.popleft()
+            self.agree(agree_max([self.timer.read(handle)], self.rt)[0], done)
 
     def agree(self, ms: float, steps: int) -> None:
-        if steps > self.steps:
-            self.recent.append((ms - self.ms) / (steps - self.steps))
-            self.ms, self.steps = ms, steps
+        self.recent.append((ms - self.ms) / (steps - self.steps))
+        self.ms, self.steps = ms, steps
 
     def at(self, step: int) -> float:
         """The agreed training time at which `step` steps will have ended, extrapolated at the mean step time."""
@@ -1400,19 +1433,17 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, lu
     average = WeightAverage(base_model, hp.ema_decay) if hp.ema_decay or hp.swa_enabled else None
     if hp.ema_decay and hp.swa_enabled:
         log("swa:off reason:EMA_DECAY")
-    cap_ms, clock = train_cap_ms(hp), AgreedClock(rt)
-    train_ms, stop_after, step, val_bpb = 0.0, None, 0, None
+    cap_ms, timer = train_cap_ms(hp), StepTimer(rt)
+    clock, train_ms, stop_after, step, val_bpb = AgreedClock(timer, rt), 0.0, None, 0, None
 
     def progress_fields(scale: float, elapsed_ms: float) -> str:
         return f" lr_mul:{scale:.4f}" + (f" time_left:{max(cap_ms - elapsed_ms, 0) / 1000:.1f}s" if cap_ms else "")
 
-    sync(rt)
-    t0 = time.perf_counter()
+    timer.start(0.0)
     while True:
         last = step == hp.iterations or step == stop_after
         if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):  # the live weights, clock stopped
-            sync(rt)
-            train_ms += 1000 * (time.perf_counter() - t0)
+            train_ms = timer.now()
             if last:
                 train_ms = agree_max([train_ms], rt)[0]
             base_model.eval()
@@ -1420,10 +1451,8 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, lu
                                            eval_batch_windows(hp, rt, hp.train_seq_len), rt.rank, rt.world_size)
             base_model.train()
             log(f"step:{step}/{hp.iterations} val_loss:{loss:.4f} val_bpb:{val_bpb:.4f} train_time:{train_ms:.0f}ms "
-                f"step_avg:{train_ms / max(step, 1):.2f}ms"
-                + progress_fields(lr_multiplier(step, clock.at(step), hp), train_ms))
-            sync(rt)
-            t0 = time.perf_counter()
+                f"step_avg:{train_ms / max(step, 1):.2f}ms")
+            timer.start(train_ms)
         if last:
             if step == stop_after and step < hp.iterations:
                 log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{hp.iterations}")
@@ -1436,16 +1465,15 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, lu
         scale = lr_multiplier(step, clock.at(step), hp)
         train_loss = train_step(loader, step, scale)
         step += 1
-        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        clock.record(elapsed_ms, step)
-        progress.step, progress.train_ms = step, elapsed_ms
+        clock.step_ended(step)
+        progress.step, progress.train_ms = step, clock.at(step)
         if hp.ema_decay or (average is not None and scale < 0.5 and step % hp.swa_every == 0):
             average.update()
             if not hp.ema_decay and average.count == 1:
                 log(f"swa:start step:{step}")
         if step <= 10 or step % hp.train_log_every == 0:
-            log(f"step:{step}/{hp.iterations} train_loss:{train_loss.item():.4f} train_time:{elapsed_ms:.0f}ms "
-                f"step_avg:{elapsed_ms / step:.2f}ms" + progress_fields(scale, elapsed_ms))
+            log(f"step:{step}/{hp.iterations} train_loss:{train_loss.item():.4f} train_time:{clock.at(step):.0f}ms "
+                f"step_avg:{clock.at(step) / step:.2f}ms" + progress_fields(scale, clock.at(step)))
         if stop_after is None and cap_ms and clock.would_pass(step, cap_ms):
             stop_after = step
 
@@ -1619,6 +1647,7 @@ def runtime(hp: SimpleNamespace) -> SimpleNamespace:
         distributed=distributed, rank=int(os.environ["RANK"]) if distributed else 0, world_size=world_size,
         grad_accum=grad_accum, local_tokens=local_tokens, cuda=cuda,
         device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu"),
+        host_group=None,  # the group of host-side votes: gloo (the default group on the CPU; its own on CUDA)
         compile=hp.compile == "1" or (hp.compile == "auto" and cuda))
 
 
@@ -1633,11 +1662,12 @@ def sync(rt: SimpleNamespace) -> None:
 
 
 def agree_max(values: list[float], rt: SimpleNamespace) -> list[float]:
-    """The largest of every rank's values: a time-based decision or verdict made once for all ranks."""
+    """The largest of every rank's values: a time-based decision or verdict made once for all ranks. Voted among the
+    hosts (gloo), so a vote never waits for the device's queue."""
     if not rt.distributed:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=rt.host_group)
     return t.tolist()
 
 
@@ -1851,6 +1881,7 @@ def main() -> int:
         torch.backends.cuda.enable_math_sdp(False)
     if rt.distributed:
         dist.init_process_group("nccl" if rt.cuda else "gloo", device_id=rt.device if rt.cuda else None)
+        rt.host_group = dist.new_group(backend="gloo") if rt.cuda else None
         dist.barrier()
     USE_FA3, why = choose_attention(hp.attention, rt)
     code, wrapper = script_code(__file__)

@@ -220,3 +220,35 @@ def tiny_run(tmp_path_factory, tiny_data) -> Path:
     workdir = tmp_path_factory.mktemp("tiny_run")
     run_tiny_training(workdir, data=tiny_data)
     return workdir
+
+
+class FakeTimer:
+    """Stands in for train_gpt.StepTimer as a device would behave: every step takes `step_ms` of this rank's time
+    (its clock runs `skew` times as fast as real time), and a step's end is read `lag` steps after it was queued, as
+    on CUDA (lag 2). Readings are exact, as CUDA events are. A run with it is deterministic whatever the machine does."""
+
+    def __init__(self, rt, step_ms: float | list[float] = 100.0, lag: int = 2, skew: float = 1.0):
+        self.lag, self.skew, self.t, self.marks = lag, skew, 0.0, 0
+        self.step_ms = step_ms if isinstance(step_ms, list) else None
+        self.constant_ms = step_ms
+
+    def start(self, offset_ms: float) -> None:
+        self.t = offset_ms
+
+    def mark(self) -> float:
+        """Step lengths: the constant, or the list's, one per step (a list takes every step of the run)."""
+        ms = self.step_ms[self.marks] if self.step_ms is not None else self.constant_ms
+        self.t, self.marks = self.t + ms * self.skew, self.marks + 1
+        return self.t
+
+    def read(self, handle: float) -> float:
+        return handle
+
+    def now(self) -> float:
+        return self.t
+
+
+def fake_timer_from_env(rt):
+    """A FakeTimer configured by FAKE_STEP_MS, FAKE_LAG and FAKE_SKEW_RANK (that rank's clock runs 1.5x fast)."""
+    skewed = int(os.environ.get("FAKE_SKEW_RANK", -1)) == rt.rank
+    return FakeTimer(rt, float(os.environ["FAKE_STEP_MS"]), int(os.environ.get("FAKE_LAG", 2)), 1.5 if skewed else 1.0)
