@@ -1647,7 +1647,7 @@ def runtime(hp: SimpleNamespace) -> SimpleNamespace:
         distributed=distributed, rank=int(os.environ["RANK"]) if distributed else 0, world_size=world_size,
         grad_accum=grad_accum, local_tokens=local_tokens, cuda=cuda,
         device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu"),
-        host_group=None,  # the group of host-side votes: gloo (the default group on the CPU; its own on CUDA)
+        host_group=None,  # the gloo group of host-side votes (agree_max), made with the process group
         compile=hp.compile == "1" or (hp.compile == "auto" and cuda))
 
 
@@ -1881,7 +1881,7 @@ def main() -> int:
         torch.backends.cuda.enable_math_sdp(False)
     if rt.distributed:
         dist.init_process_group("nccl" if rt.cuda else "gloo", device_id=rt.device if rt.cuda else None)
-        rt.host_group = dist.new_group(backend="gloo") if rt.cuda else None
+        rt.host_group = dist.new_group(backend="gloo")  # its own on the CPU too: one path for both
         dist.barrier()
     USE_FA3, why = choose_attention(hp.attention, rt)
     code, wrapper = script_code(__file__)

@@ -156,7 +156,48 @@ def test_ranks_with_skewed_clocks_take_the_slowest_ranks_schedule(tmp_path, tiny
     run_tiny_training(tmp_path, nproc=2, data=tiny_data, script=tmp_path / "driver.py", FAKE_STEP_MS="100",
                       FAKE_SKEW_RANK="1", **env)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    decided = [[re.sub(r"train_loss:\S+", "", line) for line in r["lines"]] for r in ranks]  # each rank's own loss
+    decisions = ("step:", "loop:on", "swa:", "stopping_early", "replicas:", "summary: steps", "summary: budget training")
+    decided = [[re.sub(r"train_loss:\S+", "", line) for line in r["lines"] if line.startswith(decisions)]
+               for r in ranks]  # each rank logs its own train loss
     assert decided[0] == decided[1] and {r["status"] for r in ranks} == {0}
     check_against_exact_schedule(ranks[0]["lines"], 150.0, env)
     assert "replicas:identical ranks:2" in ranks[0]["lines"]
+
+
+def test_the_cuda_branch_times_steps_by_events(monkeypatch):
+    """StepTimer's CUDA branch on the CPU, with torch.cuda's Event and synchronize standing in: a reading is the
+    marked event's time since the segment's start event plus the segment's offset, read only after waiting for that
+    event, whatever the host did meanwhile."""
+    now, waited = [0.0], []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.at = None
+
+        def record(self):
+            self.at = now[0]
+
+        def synchronize(self):
+            waited.append(self.at)
+
+        def elapsed_time(self, end):
+            assert self.at is not None and end.at is not None
+            return end.at - self.at
+
+    monkeypatch.setattr(tg.torch.cuda, "Event", Event)
+    monkeypatch.setattr(tg.torch.cuda, "synchronize", lambda: None)
+    timer = tg.StepTimer(SimpleNamespace(cuda=True))
+    assert timer.lag == 2
+    now[0] = 5.0
+    timer.start(1000.0)
+    handles = []
+    for step in range(1, 4):
+        now[0] += 30.0  # the step's end on the device
+        handles.append(timer.mark())
+    now[0] += 500.0  # the host does something else before it reads
+    assert [timer.read(h) for h in handles] == [1030.0, 1060.0, 1090.0] and waited == [35.0, 65.0, 95.0]
+    assert timer.now() == 1590.0
+    timer.start(2000.0)  # after a pause: the old handles keep their segment
+    now[0] += 10.0
+    assert timer.read(timer.mark()) == 2010.0 and timer.read(handles[0]) == 1030.0
