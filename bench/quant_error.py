@@ -1,5 +1,5 @@
 """What each export setting does to a model trained by train_gpt.py: the quantisers (QUANT_METHOD, QUANT_CLIP,
-EMBED_BITS) and the compressors (COMPRESSOR, BYTE_SHUFFLE), each measured, on the same trained weights.
+EMBED_BITS) and the compressors (COMPRESSOR), each measured, on the same trained weights.
 
 At CPU scale the int6 round trip costs little loss, so the loss gap alone cannot rank quantisers. This also
 measures what GPTQ optimises: for every block matrix W the relative output error ||(W - Q) X||^2 / ||W X||^2 on
@@ -46,7 +46,7 @@ QUANTISERS = [  # (label, settings): the seed's, then the lineage's, then the SP
     ("gptq + sigma, embed 6 bits", dict(QUANT_METHOD="gptq", QUANT_CLIP="sigma", EMBED_BITS="6")),
     ("rowmax, embed 7 bits (no GPTQ)", dict(EMBED_BITS="7")),
 ]
-COMPRESSORS = [(c, s) for c in ("zstd", "brotli", "lzma") for s in ("0", "1")]
+COMPRESSORS = ("zstd", "brotli", "lzma")
 
 
 def all_int6(real_route):
@@ -132,14 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(state)
         print(f"| {label} | {len(blob):,} | {relative_error(state, tensors, names, held_out):.3e} | "
               f"{relative_error(state, tensors, ['tok_emb.weight'], held_out):.3e} | {gap:+.5f} | {seconds:.1f} |")
-    print("\n| quantiser | " + " | ".join(f"{c}{' + shuffle' * (s == '1')}" for c, s in COMPRESSORS) + " |")
+    print("\n| quantiser | " + " | ".join(COMPRESSORS) + " |")
     print("|---" * (len(COMPRESSORS) + 1) + "|")
     for label in ("rowmax (seed)", "gptq + sigma 12.85"):
         tensors, meta = quantised[label]
         sizes = []
-        for compressor, shuffle in COMPRESSORS:
+        for compressor in COMPRESSORS:
             t0 = time.perf_counter()
-            blob = tg.pack_artifact(tensors, meta, compressor, shuffle == "1")
+            blob = tg.pack_artifact(tensors, meta, compressor)
             sizes.append(f"{len(blob):,} ({time.perf_counter() - t0:.1f} s)")
             assert all(torch.equal(a, b) for a, b in zip(tg.unpack_artifact(blob, state).values(),
                                                           tg.unpack_artifact(tg.pack_artifact(tensors, meta),

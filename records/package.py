@@ -5,7 +5,8 @@
 
 writes records/track_10min_16mb/<date>_<name>/ (track_non_record_16mb/ with --non-record):
   train_gpt.py         the counted code: the self-extracting form (raw LZMA2 + base85) of the script every log
-                       embeds, checked to decompress to exactly that source
+                       embeds, made by that script's own self_extracting() and checked to decompress to its
+                       counted source (the program without docstrings, comments and annotations)
   train_gpt_source.py  the readable source (not counted)
   train_seed<S>.log, submission.json, README.md (a skeleton: results, compliance, significance, run command),
   curves.png (records/plot_curves.py), requirements.txt
@@ -52,10 +53,6 @@ def size_lines(run: runlog.RunLog) -> tuple[str, str]:
 SLIDING, TTT, ROUNDTRIP = "final_int6_sliding_window_exact", "final_int6_ttt_exact", "final_int6_roundtrip_exact"
 PER_RUN = ("RUN_ID", "SEED")  # never on the shared run command
 DATA_VARS = ("DATA_PATH", "TOKENIZER_PATH", "TRAIN_FILES", "VAL_FILES")
-# The same recipe as train_gpt.py's self_extracting(); deterministic for a given source and liblzma.
-WRAPPER_HEAD = b'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("'
-WRAPPER_TAIL = b'"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n'
-LZMA2 = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 REQUIREMENTS = """\
 # What train_gpt.py imports; zstandard (and brotli for COMPRESSOR=brotli) are beyond the challenge's own list.
 # FlashAttention-3 (flash_attn_interface) is optional: used when it passes the script's start-up probe.
@@ -70,13 +67,22 @@ class UsageError(Exception):
     """Bad input: one `error:` line, exit 2, nothing written."""
 
 
-def wrap(source: bytes) -> bytes:
-    return WRAPPER_HEAD + base64.b85encode(lzma.compress(source, lzma.FORMAT_RAW, filters=LZMA2)) + WRAPPER_TAIL
-
-
-def unwrap(wrapper: bytes) -> bytes:
-    packed = wrapper[len(WRAPPER_HEAD) : -len(WRAPPER_TAIL)]
-    return lzma.decompress(base64.b85decode(packed), lzma.FORMAT_RAW, filters=LZMA2)
+def shipped_form(source: bytes) -> bytes:
+    """The counted train_gpt.py: the logged script's own self_extracting() of its source (the recipe that counted the
+    logs' code ships with them), checked to decompress to that script's counted source."""
+    script = {"__name__": "logged_train_gpt"}
+    try:
+        exec(compile(source, "train_gpt.py", "exec"), script)
+        wrapper = script["self_extracting"](source)
+        counted = script["counted_source"](source) if "counted_source" in script else source
+    except Exception as exc:  # the logged script itself: any failure is a reason to stop here
+        raise UsageError(f"the logged script cannot make its self-extracting form ({type(exc).__name__}: {exc})")
+    head, tail = script["WRAPPER_HEAD"], script["WRAPPER_TAIL"]
+    packed = wrapper[len(head) : -len(tail)]
+    if not (wrapper.startswith(head) and wrapper.endswith(tail) and lzma.decompress(
+            base64.b85decode(packed), lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}]) == counted):
+        raise UsageError("the self-extracting train_gpt.py does not decompress to the logged script's counted source")
+    return wrapper
 
 
 def score_line(runs: list[runlog.RunLog]) -> str:
@@ -373,9 +379,7 @@ def package(args: argparse.Namespace) -> int:
     source = runs[0].source
     if source is None:
         raise UsageError(f"{runs[0].path}: no embedded script (no line of 100 '='); is it a train_gpt.py log?")
-    wrapper = wrap(source)
-    if not (wrapper.startswith(WRAPPER_HEAD) and unwrap(wrapper) == source):
-        raise UsageError("the self-extracting train_gpt.py does not decompress to the logged source")
+    wrapper = shipped_form(source)
     try:
         defaults = runlog.script_defaults(source)
     except (runlog.LogError, SyntaxError, ValueError) as exc:

@@ -78,3 +78,17 @@ def test_bad_log_is_one_line(tiny_run, tmp_path, capsys, make_log, expected):
     assert bench.main(["--log", str(make_log(tiny_run, tmp_path))]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err
+
+
+def test_export_time_table_on_a_small_model(capsys):
+    """bench/export_time.py packs the same artifact on every worker count (it checks the bytes agree) and prints one
+    row per compressor and worker count."""
+    import export_time
+
+    assert export_time.main(["--workers", "1", "2", "--compressors", "zstd", "brotli", "--", "NUM_LAYERS=2",
+                             "MODEL_DIM=128", "NUM_HEADS=4", "NUM_KV_HEADS=2", "XSA_LAST_N=1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| zstd")
+            or line.startswith("| brotli")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("zstd", "1"), ("zstd", "2"), ("brotli", "1"),
+                                                            ("brotli", "2")]
+    assert rows[0][3] == rows[1][3] and rows[2][3] == rows[3][3]

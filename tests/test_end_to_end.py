@@ -72,8 +72,9 @@ def test_eval_only_reproduces_the_exact_lines(tiny_run, tiny_data):
 
 
 def test_the_self_extracting_wrapper_is_the_script(tiny_run, tiny_data, tmp_path):
-    """The counted form runs as the script: trained from the wrapper, the tiny run's exact lines come back, and
-    the wrapper's own EVAL_ONLY re-scores them; it counts itself and its log embeds the readable source."""
+    """The counted form runs as the script: trained from the wrapper, the tiny run's artifact (byte for byte) and
+    exact lines come back, and the wrapper's own EVAL_ONLY re-scores them; it counts itself and its log embeds the
+    source it runs (the counted one)."""
     wrapper = tmp_path / "train_gpt.py"
     wrapper.write_bytes(tg.self_extracting((REPO / "train_gpt.py").read_bytes()))
     assert run_in_process(tmp_path, tiny_data, script=wrapper) == 0
@@ -83,7 +84,9 @@ def test_the_self_extracting_wrapper_is_the_script(tiny_run, tiny_data, tmp_path
         for prefix in FINAL:
             assert lines_starting(lines, prefix) == lines_starting(log_lines(tiny_run), prefix)
         assert lines_starting(lines, "Code size:") == [f"Code size: {wrapper.stat().st_size} bytes"]
-    assert (tmp_path / "logs" / "again.txt").read_bytes().startswith((REPO / "train_gpt.py").read_bytes())
+    assert lines_starting(log_lines(tmp_path), "artifact:") == lines_starting(log_lines(tiny_run), "artifact:")
+    counted = tg.counted_source((REPO / "train_gpt.py").read_bytes())
+    assert (tmp_path / "logs" / "again.txt").read_bytes().startswith(counted)
 
 
 def test_two_ranks_equal_one_rank_with_twice_the_accumulation(tmp_path, tiny_run, tiny_data):

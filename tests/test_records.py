@@ -139,7 +139,7 @@ def test_three_real_seeds_make_a_record(seeds, tmp_path, capsys):
     assert all(lines_of(log, "Code size:") == [f"Code size: {len(wrapper)} bytes"] for log in seeds)
     namespace = {"__name__": "packaged", "__file__": str(d / "train_gpt.py")}
     exec(compile(wrapper, str(d / "train_gpt.py"), "exec"), namespace)  # it runs the script's top level
-    assert namespace["HPARAMS"] == tg.HPARAMS and namespace["WRAPPER_HEAD"] == package.WRAPPER_HEAD
+    assert namespace["HPARAMS"] == tg.HPARAMS and namespace["WRAPPER_HEAD"] == tg.WRAPPER_HEAD
 
     sub = json.loads((d / "submission.json").read_text())
     assert {"author", "github_id", "name", "blurb", "date", "track", "val_loss", "val_bpb", "val_bpb_std", "seeds",

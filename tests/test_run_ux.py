@@ -43,7 +43,7 @@ BAD = [
     ({"QUANT_METHOD": "gptq", "CLIP_SIGMAS": "0"}, "CLIP_SIGMAS and EMBED_CLIP_SIGMAS must be positive"),
     ({"EMBED_BITS": "5"}, "EMBED_BITS=5 must be 6, 7 or 8"),
     ({"COMPRESSOR": "gzip"}, "COMPRESSOR=gzip must be zstd, brotli or lzma"),
-    ({"BYTE_SHUFFLE": "2"}, "BYTE_SHUFFLE='2' is not a valid bool"),
+    ({"SWA_ENABLED": "2"}, "SWA_ENABLED='2' is not a valid bool"),
     ({"TTT_CHUNK_TOKENS": "1000"}, "TTT_CHUNK_TOKENS=1000 must be a positive multiple of TRAIN_SEQ_LEN=64"),
     ({"TTT_FREEZE_BLOCKS": "4"}, "TTT_FREEZE_BLOCKS in [0, NUM_LAYERS]"),
     ({"LOOP_LAYERS": "1-3"}, "LOOP_LAYERS=1-3: the segment must lie within layers 0..2"),
