@@ -97,7 +97,8 @@ HPARAMS = dict(
     WARMDOWN_FRAC=0.0,  # warmdown over this last fraction of the training budget; 0 = WARMDOWN_ITERS steps
     CONTROL_TENSOR_NAME_PATTERNS="attn_scale,attn_scales,mlp_scale,mlp_scales,resid_mix,resid_mixes,q_gain,"
                                  "skip_weight,skip_weights,smear,skip_gates,lane_resid,lane_post",
-    COMPILE="auto",  # auto = on with CUDA
+    COMPILE="auto",  # blocks (regions: the embedding, each kind of block once, the loss), model (the whole forward: a
+    # graph per loop shape) or 0; auto = blocks with CUDA, 0 without
     PRECISION="auto",  # auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32; or bf16, fp32
     ATTENTION="auto",  # auto = FlashAttention-3 if its start-up probe passes on CUDA, else SDPA; or fa3, sdpa
     EVAL_ONLY="",  # path to a final_model.int6.ptz: skip training, score the artifact
@@ -134,7 +135,7 @@ def read_hyperparameters(env) -> SimpleNamespace:
     head_dim = hp.model_dim // max(hp.num_heads, 1)
     hp.loop, hp.loop_starts = parse_loop(hp)
     for ok, message in [
-        (hp.compile in ("auto", "0", "1"), "COMPILE must be auto, 0 or 1"),
+        (hp.compile in ("auto", "0", "blocks", "model"), f"COMPILE={hp.compile} must be auto, 0, blocks or model"),
         (hp.precision in ("auto", "bf16", "fp32"), f"PRECISION={hp.precision} must be auto, bf16 or fp32"),
         (min(hp.train_seq_len, hp.train_batch_tokens, hp.val_batch_size, hp.num_layers, hp.num_heads) > 0,
          "TRAIN_SEQ_LEN, TRAIN_BATCH_TOKENS, VAL_BATCH_SIZE, NUM_LAYERS and NUM_HEADS must be positive"),
@@ -543,7 +544,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(dim, hp.num_heads, hp.num_kv_heads, hp.qk_gain_init,
                                         xsa=layer >= hp.num_layers - hp.xsa_last_n)
         self.mlp = MLP(dim, int(hp.mlp_mult * dim), hp.mlp_neg_slope)
-        self.ln_scale = 1 / math.sqrt(layer + 1) if hp.ln_scale else 0.0
+        if hp.ln_scale:  # a tensor, not a constant, so that every layer's block is one compiled graph
+            self.register_buffer("ln_scale", torch.tensor(1 / math.sqrt(layer + 1)), persistent=False)
+        else:
+            self.ln_scale = None
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
@@ -556,30 +560,31 @@ class Block(nn.Module):
             self.lane_post = nn.Parameter(torch.ones(2, 2))
 
     def norm(self, x: Tensor) -> Tensor:
-        return rms_norm(x) * self.ln_scale if self.ln_scale else rms_norm(x)
+        return rms_norm(x) if self.ln_scale is None else rms_norm(x) * self.ln_scale
 
     def mlp_of_pass(self, k: int) -> MLP:
         return self.loop_mlps[k - 1] if k and self.loop_mlps is not None else self.mlp
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, k: int = 0) -> Tensor:
-        mix = self.resid_mix.to(x.dtype)
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, mlp: MLP | None = None) -> Tensor:
+        """`mlp`: the MLP of this pass (default: the block's own), chosen by the caller, so that under compile a pass
+        is an input of the block's graph, not a constant of a graph of its own."""
+        mlp, mix = self.mlp if mlp is None else mlp, self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         if self.parallel == "gptj":
             h = self.norm(x)
-            return x + self.attn_scale.to(x.dtype) * self.attn(h, cos, sin) + self.mlp_scale.to(x.dtype) * \
-                self.mlp_of_pass(k)(h)
+            return x + self.attn_scale.to(x.dtype) * self.attn(h, cos, sin) + self.mlp_scale.to(x.dtype) * mlp(h)
         x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), cos, sin)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp_of_pass(k)(self.norm(x))
+        return x + self.mlp_scale.to(x.dtype) * mlp(self.norm(x))
 
     def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor, cos: Tensor, sin: Tensor,
-                      k: int = 0) -> tuple[Tensor, Tensor]:
+                      mlp: MLP | None = None) -> tuple[Tensor, Tensor]:
         """The two-lane parallel block of the 1.1063 record: attention reads lane 0, the MLP lane 1 (after the
         attention output was added to it), each output is added to both lanes with learned weights."""
-        l0, l1 = lanes
+        l0, l1, mlp = *lanes, self.mlp if mlp is None else mlp
         mix, r, post = (t.to(l0.dtype) for t in (self.resid_mix, self.lane_resid, self.lane_post))
         a = self.attn_scale.to(l0.dtype) * self.attn(self.norm(mix[0] * l0 + mix[1] * x0), cos, sin)
         l0, l1 = r[0] * l0 + post[0, 0] * a, r[0] * l1 + post[0, 1] * a
-        m = self.mlp_scale.to(l0.dtype) * self.mlp_of_pass(k)(self.norm(mix[0] * l1 + mix[1] * x0))
+        m = self.mlp_scale.to(l0.dtype) * mlp(self.norm(mix[0] * l1 + mix[1] * x0))
         return r[1] * l0 + post[1, 0] * m, r[1] * l1 + post[1, 1] * m
 
 
@@ -645,7 +650,8 @@ class GPT(nn.Module):
                 nn.init.orthogonal_(m.weight)
                 m.weight.data.mul_(m.init_scale)
 
-    def hidden(self, ids: Tensor) -> Tensor:
+    def embed(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x0, the embedded input every block reads, and RoPE's cos and sin at the input's length."""
         t = ids.size(1)
         freqs = torch.outer(torch.arange(t, device=ids.device, dtype=torch.float32),
                             rope_inv_freq(t, self.rope_dims, self.rope_base, self.train_seq_len).to(ids.device))
@@ -653,8 +659,11 @@ class GPT(nn.Module):
         cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
         if self.bigram is not None:
             x = x + self.bigram(ids, x.dtype)
-        x = x0 = self.smear(rms_norm(x))
-        order = self.virtual_layers()
+        return self.smear(rms_norm(x)), cos, sin
+
+    def hidden(self, ids: Tensor) -> Tensor:
+        x0, cos, sin = self.embed(ids)
+        x, order = x0.view_as(x0), self.virtual_layers()  # not x0 itself: a compiled block would specialise on it
         encoder, skips, lanes = len(order) // 2, [], None
         for i, (layer, k) in enumerate(order):
             if i >= encoder and skips:  # decoder position j takes the j-th innermost encoder output
@@ -665,9 +674,9 @@ class GPT(nn.Module):
                     lanes = tuple(self.add_skip(i - encoder, lane, skip) for lane in lanes)
             block = self.blocks[layer]
             if block.parallel == "lanes":
-                lanes = block.forward_lanes(lanes or (x, x), x0, cos, sin, k)
+                lanes = block.forward_lanes(lanes or (x, x.view_as(x)), x0, cos, sin, block.mlp_of_pass(k))
             else:
-                x = block(x, x0, cos, sin, k)
+                x = block(x, x0, cos, sin, block.mlp_of_pass(k))
             if i < encoder:
                 skips.append(x)
         return rms_norm(x if lanes is None else (lanes[0] + lanes[1]) / 2)
@@ -711,14 +720,21 @@ class GPT(nn.Module):
         """Cross-entropy of the targets from the final hidden states x (reduction "none": per position)."""
         return F.cross_entropy(self.logits(x).flatten(0, 1), targets.flatten(), reduction=reduction)
 
+    def objective(self, x: Tensor, targets: Tensor) -> Tensor:
+        """The training loss: the mean cross-entropy (a region compiled apart from the evaluations' per-position
+        losses, whose shapes vary)."""
+        return self.loss(x, targets)
+
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
-        return self.loss(self.hidden(ids), targets)
+        return self.objective(self.hidden(ids), targets)
 
 
 def build_model(hp: SimpleNamespace, device: torch.device) -> GPT:
     """fp32 init, then the activation dtype (PRECISION) everywhere except linear weights, small and control tensors
-    (fp32 masters)."""
-    model = GPT(hp, ACT_DTYPE).to(ACT_DTYPE)
+    (fp32 masters); buffers (constants such as the LN scales) stay fp32, as the Python floats they stand for."""
+    model = GPT(hp, ACT_DTYPE)
+    for name, p in model.named_parameters():
+        p.data = p.data.to(ACT_DTYPE)
     for m in model.modules():
         if isinstance(m, CastedLinear):
             m.float()
@@ -753,8 +769,8 @@ class Scorer:
     window) runs on every position, the head and the loss only on the scored ones (a sliding window scores the
     last EVAL_STRIDE of its 2048 positions)."""
 
-    def __init__(self, model: GPT, rt: SimpleNamespace):
-        self.model, self.hidden = model, maybe_compile(model.hidden, rt)
+    def __init__(self, model: GPT, hidden=None):
+        self.model, self.hidden = model, model.hidden if hidden is None else hidden
 
     def __call__(self, x: Tensor, y: Tensor, first: int) -> Tensor:
         return self.model.loss(self.hidden(x)[:, first:], y[:, first:], "none").view(len(y), -1)
@@ -832,40 +848,34 @@ def ttt_train_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: tor
         optimizer.zero_grad(set_to_none=True)
 
 
-def ttt_evaluate(model: GPT, scorer: Scorer, val: Tensor, luts, hp: SimpleNamespace, rt: SimpleNamespace,
-                 batch_windows: int, log) -> tuple[float, float, int, int]:
+def prepare_ttt(model: GPT, hp: SimpleNamespace) -> None:
+    """The model as TTT trains it: the embedding tables in fp32 (bf16 would round their ~1e-6 updates away; read in
+    the activation dtype they score exactly as before), the first TTT_FREEZE_BLOCKS blocks frozen."""
+    for table in model.embedding_tables():
+        table.data = table.data.float()
+    for i, block in enumerate(model.blocks):
+        block.requires_grad_(i >= hp.ttt_freeze_blocks)
+
+
+def ttt_evaluate(model: GPT, trainer: nn.Module, scorer: Scorer, val: Tensor, luts, hp: SimpleNamespace,
+                 rt: SimpleNamespace, batch_windows: int, log) -> tuple[float, float, int, int]:
     """Legal score-first test-time training over the sliding-window plan: windows are grouped into chunks of
     TTT_CHUNK_TOKENS targets by their first scored target; each chunk is scored under inference mode, then (all
-    but the last) trains the model on its targets, all scored by then. No target is scored by weights that saw it.
-    The embedding tables train in fp32 (bf16 would round their ~1e-6 updates away) and are read in the activation
-    dtype, so the weights score exactly as before the first update."""
+    but the last) trains the model (prepared by prepare_ttt) on its targets, all scored by then. No target is
+    scored by weights that saw it. `trainer` is the model's training forward (compiled or not)."""
     total = len(val) - 1
     window, chunk = min(hp.eval_len, total), hp.ttt_chunk_tokens
     chunks = [[] for _ in range((total + chunk - 1) // chunk)]
     for start, first in sliding_windows(total, window, hp.eval_stride if 0 < hp.eval_stride < window else window):
         chunks[(start + first) // chunk].append((start, first))
     sums = torch.zeros(3, dtype=torch.float64, device=val.device)
-    for table in model.embedding_tables():
-        table.data = table.data.float()
-    for i, block in enumerate(model.blocks):
-        block.requires_grad_(i >= hp.ttt_freeze_blocks)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
-    trainer = maybe_compile(model, rt)
     seqs_per_chunk = chunk // hp.train_seq_len
     mine = len(rank_share(range(seqs_per_chunk), rt.rank, rt.world_size))
     log(f"ttt:start chunks:{len(chunks)} chunk_tokens:{chunk} epochs:{hp.ttt_epochs} lr:{hp.ttt_lr} "
         f"trainable_params:{sum(p.numel() for p in params)} frozen_blocks:{hp.ttt_freeze_blocks} "
         "embedding_tables:fp32")
-    if rt.compile and len(chunks) > 1 and mine:  # compile the training graph on random tokens, outside the cap
-        sync(rt)
-        t0 = time.perf_counter()
-        primer = torch.randint(0, hp.vocab_size, (mine, hp.train_seq_len + 1), device=val.device)
-        with autocast(val.device):
-            trainer(primer[:, :-1], primer[:, 1:]).backward()
-        optimizer.zero_grad(set_to_none=True)
-        sync(rt)
-        log(f"ttt:primed compile_ms:{1000 * (time.perf_counter() - t0):.0f} (random tokens, not timed by the cap)")
     train_s, trained, stopped = 0.0, 0, False
     for c, windows in enumerate(chunks):
         model.eval()
@@ -1390,7 +1400,7 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, lu
     base_model = build_model(hp, rt.device)
     log(f"model_params:{sum(p.numel() for p in base_model.parameters() if p.requires_grad)}")
     log(f"train_loader:dataset:{Path(train_files[0]).parent.name} train_shards:{len(train_files)}")
-    compiled = maybe_compile(base_model, rt)
+    compiled, hidden = compile_model(base_model, rt)
     model = DDP(compiled, device_ids=[rt.device.index] if rt.cuda else None, gradient_as_bucket_view=True,
                 find_unused_parameters=hp.loop_untie_mlp) if rt.distributed else compiled  # idle before the switch
     orthogonalize = torch.compile(newton_schulz, dynamic=False) if rt.compile else newton_schulz
@@ -1423,7 +1433,7 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, lu
         base_model.zero_grad(set_to_none=True)
         return total / rt.grad_accum
 
-    scorer = Scorer(base_model, rt)
+    scorer = Scorer(base_model, hidden)
     first_passes = loop_passes(0, 0.0, hp)
     base_model.set_loop_passes(first_passes)
     if hp.warmup_steps:  # compile priming on real batches, every loop shape the run will take, then every state
@@ -1432,19 +1442,28 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, lu
         loader, warmup_start = new_loader(), time.perf_counter()
         eval_batch = torch.zeros(eval_batch_windows(hp, rt, hp.train_seq_len), hp.train_seq_len + 1,
                                  dtype=torch.int64, device=rt.device)[:, :-1]  # the eval's inputs: a strided view
+
+        def phase_done(name: str, started: float) -> float:
+            sync(rt)
+            now = time.perf_counter()
+            log(f"warmup:{name} ms:{1000 * (now - started):.0f} elapsed_ms:{1000 * (now - warmup_start):.0f}")
+            return now
+
         for passes in range(first_passes, len(hp.loop_starts) + 1):
             base_model.set_loop_passes(passes)
+            started = time.perf_counter()
             for i in range(hp.warmup_steps):
                 train_step(loader, 0, 1.0)
                 if hp.warmup_steps <= 20 or (i + 1) % 10 == 0 or i + 1 == hp.warmup_steps:
                     log(f"warmup_step:{i + 1}/{hp.warmup_steps}" + f" loop_passes:{passes}" * bool(hp.loop))
+            started = phase_done(f"train loop_passes:{passes}" if hp.loop else "train", started)
             base_model.eval()
             with torch.inference_mode(), autocast(rt.device):  # the periodic eval's graph too
                 scorer.hidden(eval_batch)
             base_model.train()
-        sync(rt)
+            phase_done("eval", started)
         log(f"warmup_time:{1000 * (time.perf_counter() - warmup_start):.0f}ms"
-            + " (includes compilation)" * rt.compile)
+            + f" (includes compilation: COMPILE={rt.compile})" * bool(rt.compile))
         base_model.load_state_dict(model_state)
         base_model.loop_passes = first_passes
         for name, opt in optimizers.items():
@@ -1554,7 +1573,7 @@ def collect_hessians(model: GPT, names: list[str], train_files: list[str], hp: S
     seqs = TokenStream(train_files).take(hp.gptq_calib_seqs * hp.train_seq_len).reshape(-1, hp.train_seq_len)
     mine = rank_share(seqs, rt.rank, rt.world_size)
     model.eval()
-    with torch.no_grad(), autocast(rt.device):
+    with torch.no_grad(), autocast(rt.device), torch.compiler.set_stance("force_eager"):  # the hooks run eagerly
         for i in range(0, len(mine), 8):
             h = model.hidden(torch.from_numpy(mine[i : i + 8].astype(np.int64)).to(rt.device))
             if "tok_emb.weight" in keys:
@@ -1748,11 +1767,31 @@ def runtime(hp: SimpleNamespace) -> SimpleNamespace:
         grad_accum=grad_accum, local_tokens=local_tokens, cuda=cuda,
         device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu"),
         host_group=None,  # the gloo group of host-side votes (agree_max), made with the process group
-        compile=hp.compile == "1" or (hp.compile == "auto" and cuda))
+        compile={"auto": "blocks" if cuda else "", "0": ""}.get(hp.compile, hp.compile))  # "", blocks or model
+
+
+COMPILED = dict(dynamic=False, fullgraph=True)  # one graph per shape; a graph break is an error
 
 
 def maybe_compile(fn, rt: SimpleNamespace):
-    return torch.compile(fn, dynamic=False, fullgraph=True) if rt.compile else fn
+    return torch.compile(fn, **COMPILED) if rt.compile else fn
+
+
+def compile_model(model: GPT, rt: SimpleNamespace) -> tuple[nn.Module, object]:
+    """(training forward, evaluation trunk) of the model under COMPILE. blocks: the embedding, every block and the
+    training loss are compiled regions; the blocks share one graph per kind of block (attention with or without XSA,
+    sequential or parallel) and mode, whatever the layer, loop pass or loop shape, so the compile time does not grow
+    with the layers and loops. model: the whole forward and the whole trunk, a graph per loop shape. Uncompiled
+    work (GPTQ's calibration with its hooks) runs under torch.compiler.set_stance("force_eager")."""
+    torch._dynamo.config.recompile_limit = 64  # graphs per compiled function (kinds x modes x shapes); past it: error
+    if rt.compile == "model":
+        return torch.compile(model, **COMPILED), torch.compile(model.hidden, **COMPILED)
+    if rt.compile == "blocks":
+        model.embed, model.objective = torch.compile(model.embed, **COMPILED), torch.compile(model.objective, **COMPILED)
+        for block in model.blocks:
+            block.compile(**COMPILED)
+            block.forward_lanes = torch.compile(block.forward_lanes, **COMPILED)
+    return model, model.hidden
 
 
 def sync(rt: SimpleNamespace) -> None:
@@ -1796,11 +1835,37 @@ def check_training_budget(report: SimpleNamespace, hp: SimpleNamespace, rt: Simp
         report.failed.append("training")
 
 
+def prime_evaluations(model: GPT, trainer: nn.Module, scorer: Scorer, hp: SimpleNamespace, rt: SimpleNamespace,
+                      batch_windows: int) -> None:
+    """Runs every graph of the final evaluations once on random tokens: the scoring trunk on a batch of windows (a
+    strided view, as score_windows passes) and, with TTT, a training step's forward and backward on this rank's
+    share of a chunk (its gradients dropped)."""
+    device, window = model.tok_emb.weight.device, hp.eval_len
+    windows = torch.randint(0, hp.vocab_size, (batch_windows, window + 1), device=device)
+    with torch.inference_mode(), autocast(device):
+        scorer.hidden(windows[:, :-1])
+    mine = len(rank_share(range(hp.ttt_chunk_tokens // hp.train_seq_len), rt.rank, rt.world_size))
+    if hp.ttt_enabled and mine:
+        seqs = torch.randint(0, hp.vocab_size, (mine, hp.train_seq_len + 1), device=device)
+        model.train()
+        with autocast(device):
+            trainer(seqs[:, :-1], seqs[:, 1:]).backward()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
 def final_evaluations(model: GPT, val: Tensor, luts, hp: SimpleNamespace, rt: SimpleNamespace, log: Logger,
                       report: SimpleNamespace) -> None:
     """The artifact's scores: the non-overlapping round trip, the sliding window (the submission score) and, with
-    TTT_ENABLED, legal score-first TTT, which adapts `model` as it scores and so comes last."""
-    scorer, batch = Scorer(model, rt), eval_batch_windows(hp, rt, hp.eval_len)
+    TTT_ENABLED, legal score-first TTT, which adapts `model` as it scores and so comes last. Under COMPILE every
+    graph they run is compiled first, on random tokens, outside the timed evaluations."""
+    if hp.ttt_enabled:  # the model as TTT trains it: it scores alike, and its graphs are compiled with the others
+        prepare_ttt(model, hp)
+    trainer, hidden = compile_model(model, rt)
+    scorer, batch = Scorer(model, hidden), eval_batch_windows(hp, rt, hp.eval_len)
+    if rt.compile:
+        timed(report, rt, "compile", prime_evaluations, model, trainer, scorer, hp, rt, batch)
+        log(f"eval:compiled compile_ms:{report.ms['compile']:.0f} (random tokens, before the timed evaluations)")
     stride = hp.eval_stride if 0 < hp.eval_stride < hp.eval_len else hp.eval_len
     subset = " subset" if hp.val_max_tokens else ""
     finals = [("roundtrip", "final_int6_roundtrip", hp.eval_len)]
@@ -1810,7 +1875,7 @@ def final_evaluations(model: GPT, val: Tensor, luts, hp: SimpleNamespace, rt: Si
         finals.append(("ttt", "final_int6_ttt", stride))
     for key, label, s in finals:
         if key == "ttt":
-            out = timed(report, rt, key, ttt_evaluate, model, scorer, val, luts, hp, rt, batch, log)
+            out = timed(report, rt, key, ttt_evaluate, model, trainer, scorer, val, luts, hp, rt, batch, log)
         else:
             out = timed(report, rt, key, evaluate, scorer, val, luts, hp.eval_len, s, batch, rt.rank, rt.world_size)
         loss, report.bpb[key], tokens, nbytes = out
@@ -1998,7 +2063,7 @@ def main() -> int:
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
     log(f"val_loader:shards pattern={hp.val_glob} tokens:{len(val_tokens) - 1}")
     log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum}")
-    log(f"attention_backend:{'fa3' if USE_FA3 else 'sdpa'} compile:{int(rt.compile)} device:{rt.device.type} "
+    log(f"attention_backend:{'fa3' if USE_FA3 else 'sdpa'} compile:{rt.compile or 0} device:{rt.device.type} "
         f"reason:{why}")
     log(f"precision:{'bf16' if ACT_DTYPE == torch.bfloat16 else 'fp32'} reason:{rt.precision_why}")
     log(f"attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads}")

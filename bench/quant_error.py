@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def val_loss() -> float:
         seq = hp.train_seq_len
-        return tg.evaluate(tg.Scorer(model, rt), val, luts, seq, seq, tg.eval_batch_windows(hp, rt, seq), 0, 1)[0]
+        return tg.evaluate(tg.Scorer(model), val, luts, seq, seq, tg.eval_batch_windows(hp, rt, seq), 0, 1)[0]
 
     base = val_loss()
     print(f"trained: val_loss {base:.4f} before quantisation; {sum(v.numel() for v in state.values()):,} values; "

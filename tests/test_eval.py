@@ -20,7 +20,6 @@ import train_gpt as tg
 from conftest import TINY_ENV, scorer_of, tiny_model
 
 CPU = torch.device("cpu")
-EAGER = SimpleNamespace(compile=False)
 REPO = Path(__file__).resolve().parent.parent
 V = 64
 TINY_EVAL_ENV = dict(TINY_ENV, VOCAB_SIZE=str(V), TRAIN_SEQ_LEN="32")  # the tiny model over 64 random tokens
@@ -221,7 +220,7 @@ def test_sliding_loss_bf16_model_close_to_reference(model):
     m, _ = model
     total, window, stride = 90, 32, 8
     toks, luts = make_tokens(total, seed=11), make_luts()
-    loss, _, tokens, _ = tg.evaluate(tg.Scorer(m, EAGER), toks, luts, window, stride, 4, 0, 1)
+    loss, _, tokens, _ = tg.evaluate(tg.Scorer(m), toks, luts, window, stride, 4, 0, 1)
     ref = brute_force(lambda x: m.logits(m.hidden(x)), toks, window, stride, use_autocast=True) / total
     assert tokens == total
     assert loss == pytest.approx(ref, rel=2e-3)
@@ -236,7 +235,7 @@ def test_head_runs_on_scored_positions_only_and_equals_the_full_computation(mode
     seen, real_loss = [], m.loss
     m.loss = lambda x, y, reduction="mean": (seen.append(x.size(1)), real_loss(x, y, reduction))[1]
     try:
-        fast = tg.evaluate(tg.Scorer(m, EAGER), toks, luts, window, stride, batch, 0, 1)
+        fast = tg.evaluate(tg.Scorer(m), toks, luts, window, stride, batch, 0, 1)
     finally:
         del m.loss
     full = tg.evaluate(scorer_of(lambda x: m.logits(m.hidden(x))), toks, luts, window, stride, batch, 0, 1)
@@ -262,7 +261,7 @@ def test_context_matters_for_tiny_model(model):
 def test_stride_equal_window_is_plain_non_overlapping_eval(model, total, window):
     m, hp = model
     toks, luts = make_tokens(total, seed=5), make_luts()
-    loss, bpb, tokens, nbytes = tg.evaluate(tg.Scorer(m, EAGER), toks, luts, window, window, 2, 0, 1)
+    loss, bpb, tokens, nbytes = tg.evaluate(tg.Scorer(m), toks, luts, window, window, 2, 0, 1)
     x = toks[:-1].view(-1, window)
     y = toks[1:].view(-1, window)
     with torch.inference_mode(), tg.autocast(CPU):
@@ -309,7 +308,7 @@ model = tg.build_model(hp, torch.device("cpu"))
 model.load_state_dict(blob["state"], strict=True)
 model.eval()
 args = blob["args"]
-res = tg.evaluate(tg.Scorer(model, argparse.Namespace(compile=False)), blob["toks"], blob["luts"], args["window"],
+res = tg.evaluate(tg.Scorer(model), blob["toks"], blob["luts"], args["window"],
                   args["stride"], args["batch"], rank, world)
 dist.destroy_process_group()
 with open(os.environ["PG_OUTPUT"], "w") as f:
@@ -366,5 +365,5 @@ def test_two_process_gloo_equals_single_process(model, tmp_path):
     assert loss == pytest.approx(single[0], rel=1e-9)
     assert bpb == pytest.approx(single[1], rel=1e-9)
     # and the one-rank worker is the in-process evaluation (same code, same numbers up to kernel choice)
-    here = tg.evaluate(tg.Scorer(m, EAGER), toks, luts, window, stride, batch, 0, 1)
+    here = tg.evaluate(tg.Scorer(m), toks, luts, window, stride, batch, 0, 1)
     assert here[2:] == tuple(single[2:]) and here[0] == pytest.approx(single[0], rel=1e-4)

@@ -142,7 +142,7 @@ def by_hand(model: tg.GPT, ids: torch.Tensor, order: list[tuple[int, int]]) -> t
     for i, (layer, k) in enumerate(order):
         if i >= half and skips:
             x = x + model.skip_weights[i - half].to(x.dtype) * skips.pop()
-        x = model.blocks[layer](x, x0, cos, sin, k)
+        x = model.blocks[layer](x, x0, cos, sin, model.blocks[layer].mlp_of_pass(k))
         if i < half:
             skips.append(x)
     return tg.rms_norm(x)
@@ -283,32 +283,45 @@ def test_the_stack_runs_end_to_end_and_eval_only_rebuilds_it(tmp_path, tiny_data
             [x for x in lines if x.startswith(prefix)]
 
 
-def test_the_stack_compiles_every_graph_in_the_warmup(tmp_path, tiny_data, monkeypatch):
-    """COMPILE=1 on the CPU with every flag: torch.compile(fullgraph=True) raises at any graph break, and no graph
-    is compiled inside the timed loop, loop switches included (dynamo's counters, after the warmup and after the
-    loop). Dynamo with its eager backend: what is tested is the tracing; Inductor's code generation is slow on a CPU."""
+@pytest.mark.parametrize("mode", ["blocks", "model"])
+def test_the_stack_compiles_every_graph_before_it_is_timed(tmp_path, tiny_data, monkeypatch, mode):
+    """COMPILE=blocks|model on the CPU with every flag and TTT: torch.compile(fullgraph=True) raises at any graph
+    break or past the recompile limit, and no graph is compiled inside the timed loop, loop switches included, nor
+    inside the timed evaluations, TTT included (dynamo's counters after the warmup, after the loop, after the
+    evaluations' priming and at the end). Dynamo with its eager backend: what is tested is the tracing; Inductor's
+    code generation is slow on a CPU. With blocks, every block of a kind shares one graph: the graphs do not grow
+    with the loop's passes."""
     from torch._dynamo.utils import counters
 
     compile = torch.compile
     monkeypatch.setattr(tg.torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))
-    graphs = {}
-    clock, checksums = tg.AgreedClock.__init__, tg.replica_checksums
+    graphs, logger = {}, tg.Logger.__call__
+    checksums = tg.replica_checksums
 
-    def after_warmup(self, rt):
-        graphs["warmup"] = counters["stats"]["unique_graphs"]
-        clock(self, rt)
+    def count(self, line):
+        if line.startswith(("warmup_time", "eval:compiled")):
+            graphs[line.split(":")[0]] = counters["stats"]["unique_graphs"]
+        logger(self, line)
 
     def after_training(model, rt):
         graphs["training"] = counters["stats"]["unique_graphs"]
         return checksums(model, rt)
 
-    monkeypatch.setattr(tg.AgreedClock, "__init__", after_warmup)
+    monkeypatch.setattr(tg.Logger, "__call__", count)
     monkeypatch.setattr(tg, "replica_checksums", after_training)
-    torch._dynamo.reset()
-    env = dict(STACK, COMPILE="1", EVAL_STRIDE="0", LOOP_EXTRA="1", LOOP_START="0.3")  # one switch, two shapes
-    assert run_in_process(tmp_path, tiny_data, **env) == 0
-    lines = log_lines(tmp_path)
-    assert "attention_backend:sdpa compile:1 device:cpu reason:flash_attn_interface is not installed" in lines
-    assert len([line for line in lines if line.startswith("loop:on")]) == 1
-    assert graphs["warmup"] > 0 and graphs["training"] == graphs["warmup"]
+    results = {}
+    for extra in (1, 2) if mode == "blocks" else (2,):
+        torch._dynamo.reset()
+        counters.clear()
+        env = dict(STACK, COMPILE=mode, EVAL_STRIDE="16", LOOP_EXTRA=str(extra), LOOP_START="0.3,0.6"[:4 * extra - 1],
+                   TTT_ENABLED="1", TTT_CHUNK_TOKENS="512", TTT_EPOCHS="1", VAL_LOSS_EVERY="3", ITERATIONS="7")
+        assert run_in_process(tmp_path / str(extra), tiny_data, **env) == 0
+        lines = log_lines(tmp_path / str(extra))
+        assert f"attention_backend:sdpa compile:{mode} device:cpu reason:flash_attn_interface is not installed" in lines
+        assert len([line for line in lines if line.startswith("loop:on")]) == extra
+        assert graphs["warmup_time"] > 0 and graphs["training"] == graphs["warmup_time"]
+        assert graphs["eval"] >= graphs["training"] and counters["stats"]["unique_graphs"] == graphs["eval"]
+        results[extra] = graphs["eval"]
+    if mode == "blocks":
+        assert results[1] == results[2]
     torch._dynamo.reset()

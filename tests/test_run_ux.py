@@ -19,7 +19,7 @@ BAD = [
     ({"NUM_LAYERS": "eleven"}, "NUM_LAYERS='eleven' is not a valid int"),
     ({"LN_SCALE": "yes"}, "LN_SCALE='yes' is not a valid bool"),
     ({"MLP_NEG_SLOPE": "half"}, "MLP_NEG_SLOPE='half' is not a valid float"),
-    ({"COMPILE": "2"}, "COMPILE must be auto, 0 or 1"),
+    ({"COMPILE": "1"}, "COMPILE=1 must be auto, 0, blocks or model"),
     ({"PRECISION": "fp16"}, "PRECISION=fp16 must be auto, bf16 or fp32"),
     ({"ATTENTION": "flash"}, "ATTENTION=flash must be auto, fa3 or sdpa"),
     ({"ATTENTION": "fa3"}, "ATTENTION=fa3: FlashAttention-3 is unusable (flash_attn_interface is not installed)"),

@@ -25,7 +25,8 @@ def instrumented_ttt(monkeypatch, total: int, **env):
     torch.manual_seed(0)
     model = tg.build_model(hp, CPU)
     val = torch.randint(0, 64, (total + 1,))
-    plain = tg.evaluate(tg.Scorer(model, RT), val, LUTS, hp.eval_len, hp.eval_stride, 4, 0, 1)
+    plain = tg.evaluate(tg.Scorer(model), val, LUTS, hp.eval_len, hp.eval_stride, 4, 0, 1)
+    tg.prepare_ttt(model, hp)
     events = []
     real_score, real_train = tg.score_windows, tg.ttt_train_chunk
 
@@ -49,7 +50,7 @@ def instrumented_ttt(monkeypatch, total: int, **env):
     monkeypatch.setattr(tg, "score_windows", score)
     monkeypatch.setattr(tg, "ttt_train_chunk", train)
     logs = []
-    result = tg.ttt_evaluate(model, tg.Scorer(model, RT), val, LUTS, hp, RT, 4, logs.append)
+    result = tg.ttt_evaluate(model, model, tg.Scorer(model), val, LUTS, hp, RT, 4, logs.append)
     monkeypatch.setattr(tg, "score_windows", real_score)
     monkeypatch.setattr(tg, "ttt_train_chunk", real_train)
     return result, plain, events, logs, hp
@@ -87,7 +88,8 @@ def test_frozen_blocks_do_not_move_and_the_cap_stops_updates(monkeypatch):
     model = tg.build_model(hp, CPU)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     val = torch.randint(0, 64, (241,))
-    tg.ttt_evaluate(model, tg.Scorer(model, RT), val, LUTS, hp, RT, 4, lambda line: None)
+    tg.prepare_ttt(model, hp)
+    tg.ttt_evaluate(model, model, tg.Scorer(model), val, LUTS, hp, RT, 4, lambda line: None)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.0."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.1."))
@@ -135,9 +137,9 @@ def test_embedding_tables_train_in_fp32_and_keep_sub_bf16_updates():
     model = tg.build_model(hp, CPU)
     before = {k: v.float().clone() for k, v in model.state_dict().items()}
     assert model.tok_emb.weight.dtype == torch.bfloat16
-    logs = []
-    tg.ttt_evaluate(model, tg.Scorer(model, RT), torch.randint(0, 64, (241,)), LUTS,
-                    tg.read_hyperparameters({**SMALL, "TTT_LR": "1e-4"}), RT, 4, logs.append)
+    logs, ttt_hp = [], tg.read_hyperparameters({**SMALL, "TTT_LR": "1e-4"})
+    tg.prepare_ttt(model, ttt_hp)
+    tg.ttt_evaluate(model, model, tg.Scorer(model), torch.randint(0, 64, (241,)), LUTS, ttt_hp, RT, 4, logs.append)
     assert logs[0].endswith("embedding_tables:fp32")
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 for p in trained)
@@ -156,36 +158,3 @@ def test_one_all_reduce_per_step_for_all_gradients(monkeypatch):
     val = torch.randint(0, 64, (200,))
     tg.ttt_train_chunk(model, params, optimizer, val, torch.tensor([0, 16, 32]), 16, 6, 3, world_size=2)
     assert sizes == [sum(p.numel() for p in params)] * 3  # one flat buffer per step, 3 epochs
-
-
-def test_the_training_graph_is_primed_on_random_tokens_outside_the_cap(monkeypatch):
-    """Under compile the first TTT training call compiles: it runs before the chunk loop on random tokens (never
-    validation tokens), and its time does not count towards TTT_MAX_SECONDS. The clock here only moves during
-    that first call (100 s, as a compilation might take)."""
-    hp = tg.read_hyperparameters({**SMALL, "TTT_MAX_SECONDS": "1.0"})
-    torch.manual_seed(0)
-    model = tg.build_model(hp, CPU)
-    val = torch.randint(0, 64, (241,))
-    calls, now = [], [0.0]
-
-    def fake_compile(fn, rt):  # eager; the first call of the training graph "takes" 100 s
-        def compiled(ids, targets):
-            calls.append(ids.clone())
-            now[0] += 100.0 * (len(calls) == 1)
-            return fn(ids, targets)
-        return compiled if isinstance(fn, tg.GPT) else fn
-
-    monkeypatch.setattr(tg, "maybe_compile", fake_compile)
-    monkeypatch.setattr(tg.time, "perf_counter", lambda: now[0])
-    scored_first = []
-    real_score = tg.score_windows
-    monkeypatch.setattr(tg, "score_windows", lambda *a: (scored_first.append(len(calls)), real_score(*a)))
-    logs = []
-    tg.ttt_evaluate(model, tg.Scorer(model, RT), val, LUTS, hp, SimpleNamespace(**{**vars(RT), "compile": True}), 4,
-                    logs.append)
-    assert scored_first[0] == 1  # primed before the first chunk was scored
-    windows = {tuple(val[s : s + 16].tolist()) for s in range(len(val) - 15)}
-    assert not any(tuple(row.tolist()) in windows for row in calls[0])  # random tokens, not validation windows
-    assert "ttt:primed compile_ms:100000 (random tokens, not timed by the cap)" in logs
-    assert not any(line.startswith("ttt:updates_stopped") for line in logs)  # the 100 s are not in the 1 s cap
-    assert len(calls) == 1 + 4 * hp.ttt_epochs  # priming, then every chunk but the last trains
