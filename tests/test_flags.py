@@ -308,7 +308,9 @@ def test_the_stack_compiles_every_graph_in_the_warmup(tmp_path, tiny_data, monke
     env = dict(STACK, COMPILE="1", EVAL_STRIDE="0", LOOP_EXTRA="1", LOOP_START="0.3")  # one switch, two shapes
     assert run_in_process(tmp_path, tiny_data, **env) == 0
     lines = log_lines(tmp_path)
-    assert "attention_backend:sdpa compile:1 device:cpu reason:flash_attn_interface is not installed" in lines
+    assert ("attention_backend:flash compile:1 device:cpu reason:fa3: flash_attn_interface is not installed; flash "
+            "passed its probe (auto never picks fa4 or cudnn: not yet measured faster)") in lines
+    assert [ln for ln in lines if ln.startswith("attention_probe:flash err_out:")][0].endswith(" compiled:1")
     assert len([line for line in lines if line.startswith("loop:on")]) == 1
     assert graphs["warmup"] > 0 and graphs["training"] == graphs["warmup"]
     torch._dynamo.reset()
