@@ -133,6 +133,10 @@ torch_version=$(grep -oP 'torch: \K\S+' "$work/versions.txt")
 mix=${GPU_CHECK_MIX:-auto}
 if [[ $mix == 1 || ($mix == auto && $torch_version == 2.11*) ]]; then
   arms+=("ab_mix0:ATTENTION=auto:TORCHINDUCTOR_MIX_ORDER_REDUCTION=0")
+  TORCHINDUCTOR_MIX_ORDER_REDUCTION=0 "$py" -c 'import torch._inductor.config as c
+value = int(getattr(c.triton, "mix_order_reduction", -1))
+print(f"gpu_check: ab_mix0: with TORCHINDUCTOR_MIX_ORDER_REDUCTION=0 this torch has mix_order_reduction:{value} "
+      "(-1: absent)")' || true
 else
   echo "gpu_check: mix_order_reduction A/B not run (torch $torch_version; GPU_CHECK_MIX=$mix)"
 fi

@@ -48,6 +48,8 @@ def test_smoke_mode_runs_one_and_all_gpus_the_profile_and_the_ab_runs(tmp_path, 
                 "full sliding, 8 GPUs, s"):
         assert all(float(v) > 0 for v in rows[key]), key
     assert rows["peak alloc MiB"] == ["-"] * 4  # no CUDA memory on the CPU
+    assert "gpu_check: ab_mix0: with TORCHINDUCTOR_MIX_ORDER_REDUCTION=0 this torch has mix_order_reduction:0 (-1: " \
+        in proc.stdout  # the switch reaches Inductor
     assert (out / "logs" / "gpu_check_auto_x2.txt").is_file()
     profile = (out / "profile.txt").read_text()
     assert "profile_step: 2 steps of 1024 tokens on 1x cpu" in profile and "\nhost gaps " in profile
