@@ -15,6 +15,7 @@ import difflib
 import functools
 import glob
 import hashlib
+import importlib
 import io
 import lzma
 import math
@@ -39,6 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 try:
@@ -100,7 +102,8 @@ HPARAMS = dict(
     COMPILE="auto",  # blocks (regions: the embedding, each kind of block once, the loss), model (the whole forward: a
     # graph per loop shape) or 0; auto = blocks with CUDA, 0 without
     PRECISION="auto",  # auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32; or bf16, fp32
-    ATTENTION="auto",  # auto = FlashAttention-3 if its start-up probe passes on CUDA, else SDPA; or fa3, sdpa
+    ATTENTION="auto",  # auto = FA3 if its start-up probe passes, else flash SDPA (then efficient, math); or a name:
+                       # fa3, fa4 (flash-attn-4), cudnn, flash, efficient or math (SDPA's kernels)
     EVAL_ONLY="",  # path to a final_model.int6.ptz: skip training, score the artifact
 )
 HPARAM_NAMES = list(HPARAMS)
@@ -168,7 +171,8 @@ def read_hyperparameters(env) -> SimpleNamespace:
          f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens} must be a positive multiple of TRAIN_SEQ_LEN={hp.train_seq_len}"),
         (min(hp.ttt_epochs, hp.ttt_lr, hp.ttt_momentum) >= 0 and 0 <= hp.ttt_freeze_blocks <= hp.num_layers,
          "TTT_EPOCHS, TTT_LR and TTT_MOMENTUM must be >= 0 and TTT_FREEZE_BLOCKS in [0, NUM_LAYERS]"),
-        (hp.attention in ("auto", "fa3", "sdpa"), f"ATTENTION={hp.attention} must be auto, fa3 or sdpa"),
+        (hp.attention == "auto" or hp.attention in ATTENTION_KERNELS,
+         f"ATTENTION={hp.attention} must be auto, {', '.join(list(ATTENTION_KERNELS)[:-1])} or math"),
         (not hp.loop_untie_mlp or hp.loop, "LOOP_UNTIE_MLP=1 needs LOOP_LAYERS"),
         (0 <= hp.parallel_start < hp.num_layers, f"PARALLEL_START={hp.parallel_start} must lie in [0, NUM_LAYERS)"),
         (hp.parallel_mode in ("gptj", "lanes"), f"PARALLEL_MODE={hp.parallel_mode} must be gptj or lanes"),
@@ -457,40 +461,147 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
-USE_FA3 = False  # decided once at start-up by choose_attention
+# Attention: one backend for every call, chosen at start-up (ATTENTION). Each takes (B, T, H, D) queries and
+# (B, T, Hkv, D) keys/values; query head h reads KV head h // (H / Hkv).
+
+fa4_attn_func = None  # flash_attn.cute.flash_attn_func (pip flash-attn-4), imported only when ATTENTION=fa4 (slow)
+
+
+def load_fa4():
+    global fa4_attn_func
+    if fa4_attn_func is None:
+        fa4_attn_func = importlib.import_module("flash_attn.cute").flash_attn_func
+    return fa4_attn_func
 
 
 def fa3_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     y = flash_attn_func(q, k, v, causal=True)
-    return y[0] if isinstance(y, tuple) else y
+    return y[0] if isinstance(y, tuple) else y  # some FA3 builds return (out, softmax_lse)
+
+
+def fa4_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return fa4_attn_func(q, k, v, causal=True)[0]  # (out, lse); causal by keyword (its 4th parameter is qv)
+
+
+def sdpa_attention(kernel: SDPBackend):
+    """PyTorch SDPA held to one of its kernels for the call itself (no global flags): PyTorch's own choice may
+    differ between versions, and a kernel that cannot take the inputs then fails at the probe, not mid-run."""
+
+    def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        with sdpa_kernel([kernel]):
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=True)
+        return y.transpose(1, 2)
+
+    return attention
+
+
+ATTENTION_KERNELS = dict(fa3=fa3_attention, fa4=fa4_attention, cudnn=sdpa_attention(SDPBackend.CUDNN_ATTENTION),
+                         flash=sdpa_attention(SDPBackend.FLASH_ATTENTION),
+                         efficient=sdpa_attention(SDPBackend.EFFICIENT_ATTENTION), math=sdpa_attention(SDPBackend.MATH))
+ATTENTION_LABELS = dict(fa3="FlashAttention-3", fa4="FlashAttention-4", cudnn="cuDNN SDPA", flash="flash SDPA",
+                        efficient="memory-efficient SDPA", math="math SDPA")
+CUDA_ONLY_ATTENTION = ("fa3", "fa4", "cudnn", "efficient")
+# auto: FA3, else flash SDPA as before (the records' kernels); the two others only run on fp32 or head sizes flash does
+# not take. fa4 and cudnn run only when named, until a GPU measures them faster than these (docs/BENCHMARKS.md).
+AUTO_ATTENTION = ("fa3", "flash", "efficient", "math")
+PROBE_SEQ_LEN = 256  # longest probe sequence: two 128-row tiles, so a causal mask across tiles is exercised
+PROBE_TOLERANCE = 0.02  # relative L2 error against fp64; bf16 rounding gives ~0.004, a wrong mask or head map > 0.1
+ATTENTION = "flash"  # the backend every call uses, decided once at start-up by choose_attention
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """(B, T, H, D) queries against (B, T, Hkv, D) keys/values."""
-    if USE_FA3:
-        return fa3_attention(q, k, v)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=True)
-    return y.transpose(1, 2)
+    return ATTENTION_KERNELS[ATTENTION](q, k, v)
 
 
-def choose_attention(mode: str, rt: SimpleNamespace) -> tuple[bool, str]:
-    """(use FA3, why) for ATTENTION=auto|fa3|sdpa. FA3 must pass a tiny GQA forward + backward, compiled when the
-    model will be (some builds cannot be traced); a forced but unusable FA3 is an input error."""
-    if mode == "sdpa":
-        return False, "ATTENTION=sdpa"
-    reason = "flash_attn_interface is not installed" if flash_attn_func is None else "no CUDA device"
-    if flash_attn_func is not None and rt.cuda:
+def reference_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal GQA attention written out in the inputs' dtype: each KV head repeated over its query heads."""
+    group, t = q.size(2) // k.size(2), q.size(1)
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.size(-1))
+    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+    return torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(future, float("-inf")).softmax(-1), v)
+
+
+def first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def attention_unavailable(name: str, rt: SimpleNamespace) -> str | None:
+    """Why backend `name` cannot run here at all (not installed, no CUDA); None when it may, pending its probe."""
+    if name == "fa3" and flash_attn_func is None:
+        return "flash_attn_interface is not installed"
+    if name == "fa4":
         try:
-            q = torch.randn(1, 128, 2, 64, device=rt.device, dtype=torch.bfloat16, requires_grad=True)
-            k, v = (torch.randn(1, 128, 1, 64, device=rt.device, dtype=torch.bfloat16) for _ in range(2))
-            maybe_compile(fa3_attention, rt)(q, k, v).float().sum().backward()
-            return True, "probe passed"
-        except Exception as e:
-            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-    if mode == "fa3":
-        raise InputError(f"ATTENTION=fa3: FlashAttention-3 is unusable ({reason})")
-    return False, reason
+            load_fa4()
+        except Exception as e:  # not installed, or installed but broken: either way not usable
+            return f"flash_attn.cute does not import ({first_line(e)})"
+    if name in CUDA_ONLY_ATTENTION and not rt.cuda:
+        return "no CUDA device"
+    return None
+
+
+def probe_attention(name: str, hp: SimpleNamespace, rt: SimpleNamespace) -> tuple[bool, str]:
+    """(passed, what it saw): backend `name` on this device, at the run's dtype, head size and head counts, causal,
+    forward and backward, compiled when the model will be (some kernels run eagerly but cannot be traced). Its
+    output and input gradients must match an fp64 reference within PROBE_TOLERANCE: running is not enough."""
+    shape, head_dim = (2, min(hp.train_seq_len, PROBE_SEQ_LEN)), hp.model_dim // hp.num_heads
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(*shape, n, head_dim, generator=g, dtype=torch.float64)
+              for n in (hp.num_heads, hp.num_kv_heads, hp.num_kv_heads)]
+    grad = torch.randn(*shape, hp.num_heads, head_dim, generator=g, dtype=torch.float64)
+    exact = [x.clone().requires_grad_() for x in inputs]
+    out = reference_attention(*exact)
+    out.backward(grad)
+    expected = [out.detach()] + [x.grad for x in exact]
+    dtype = "bf16" if rt.precision == torch.bfloat16 else "fp32"
+    setup = (f"dtype:{dtype} head_dim:{head_dim} heads:{hp.num_heads}/{hp.num_kv_heads} seq:{shape[1]} "
+             f"compiled:{int(bool(rt.compile))}")
+    try:
+        xs = [x.to(rt.device, rt.precision).requires_grad_() for x in inputs]
+        y = maybe_compile(ATTENTION_KERNELS[name], rt)(*xs)
+        if y.shape != xs[0].shape:
+            return False, f"output of shape {tuple(y.shape)}, expected {tuple(xs[0].shape)} ({setup})"
+        y.backward(grad.to(rt.device, y.dtype))
+        got = [y.detach()] + [x.grad for x in xs]
+        if any(t is None for t in got):
+            return False, f"no gradient for {', '.join(n for n, t in zip('qkv', got[1:]) if t is None)} ({setup})"
+    except Exception as e:
+        return False, f"{first_line(e)} ({setup})"
+    errors = [((a.double().cpu() - b).norm() / b.norm()).item() for a, b in zip(got, expected)]
+    seen = " ".join(f"err_{n}:{e:.2g}" for n, e in zip(("out", "dq", "dk", "dv"), errors)) + " " + setup
+    if not all(e <= PROBE_TOLERANCE for e in errors):  # NaN fails too
+        return False, f"wrong numbers, relative errors above {PROBE_TOLERANCE} ({seen})"
+    return True, seen
+
+
+def choose_attention(mode: str, hp: SimpleNamespace, rt: SimpleNamespace) -> tuple[str, str, str]:
+    """(backend, why, what its probe saw) for ATTENTION=auto or a backend's name. auto takes the first of
+    AUTO_ATTENTION that is available and passes its probe; a named backend that does not is an input error."""
+    if mode != "auto":
+        why = attention_unavailable(mode, rt)
+        passed, seen = (False, why) if why else probe_attention(mode, hp, rt)
+        if not passed:
+            raise InputError(f"ATTENTION={mode}: {ATTENTION_LABELS[mode]} is unusable here ({seen})")
+        return mode, f"ATTENTION={mode}", seen
+    skipped = []
+    for name in AUTO_ATTENTION:
+        why = attention_unavailable(name, rt)
+        passed, seen = (False, why) if why else probe_attention(name, hp, rt)
+        if passed:
+            return name, "; ".join(skipped + [f"{name} passed its probe (auto never picks fa4 or cudnn: not yet "
+                                                  "measured faster)"]), seen
+        skipped.append(f"{name}: {seen}")
+    raise InputError("ATTENTION=auto: no attention backend passed its probe (" + "; ".join(skipped) + ")")
+
+
+def agree_on_attention(name: str, rt: SimpleNamespace) -> None:
+    """Every rank must run the same kernel (their probes ran apart): else one clear error, not silent drift."""
+    index = list(ATTENTION_KERNELS).index(name)
+    highest, minus_lowest = agree_max([index, -index], rt)
+    if highest != -minus_lowest:
+        raise InputError(f"the ranks' attention probes chose different backends ({name} on rank {rt.rank}): "
+                         "set ATTENTION to one that every rank passes")
 
 
 def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
@@ -1722,6 +1833,20 @@ def script_code(path: str) -> tuple[bytes, bytes]:
     return raw, self_extracting(raw)
 
 
+def nvidia_smi() -> str:
+    """nvidia-smi's report for the log's header. A missing, hanging or failing nvidia-smi is noted there, never
+    fatal: the GPUs it would list are a record, not something the run needs."""
+    if not torch.cuda.is_available():
+        return "nvidia-smi: no CUDA device"
+    try:
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"nvidia-smi: not run ({first_line(e)})"
+    if smi.returncode:
+        return f"nvidia-smi: exited {smi.returncode} ({((smi.stderr or smi.stdout).strip().splitlines() or [''])[0]})"
+    return smi.stdout.rstrip()
+
+
 class Logger:
     """Rank 0 prints every line and appends it to logs/<RUN_ID>.txt, which opens with the script's source."""
 
@@ -1730,10 +1855,10 @@ class Logger:
         if enabled:
             self.path.parent.mkdir(exist_ok=True)
             print(self.path, flush=True)
-            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True) if torch.cuda.is_available() else None
+            smi = nvidia_smi()
             self.path.write_bytes(code)
             self.write("\n".join(["=" * 100, f"Running Python {sys.version}", f"Running PyTorch {torch.__version__}",
-                                  smi.stdout.rstrip() if smi else "nvidia-smi: no CUDA device", "=" * 100]))
+                                  smi, "=" * 100]))
 
     def write(self, line: str) -> None:
         if self.enabled:
@@ -2018,7 +2143,7 @@ def main() -> int:
         print(line, file=sys.stderr, flush=True)
     hp = read_hyperparameters(os.environ)
     rt = runtime(hp)
-    global ACT_DTYPE, USE_FA3
+    global ACT_DTYPE, ATTENTION
     ACT_DTYPE = rt.precision
     compressor()
     if hp.compressor == "brotli":
@@ -2041,14 +2166,12 @@ def main() -> int:
         torch.cuda.set_device(rt.device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
-        torch.backends.cuda.enable_math_sdp(False)
     if rt.distributed:
         dist.init_process_group("nccl" if rt.cuda else "gloo", device_id=rt.device if rt.cuda else None)
         rt.host_group = dist.new_group(backend="gloo")  # its own on the CPU too: one path for both
         dist.barrier()
-    USE_FA3, why = choose_attention(hp.attention, rt)
+    ATTENTION, why, probe = choose_attention(hp.attention, hp, rt)
+    agree_on_attention(ATTENTION, rt)
     code, wrapper = script_code(__file__)
     log = Logger(hp.run_id, rt.rank == 0, code)
     for line in warnings:
@@ -2063,8 +2186,8 @@ def main() -> int:
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
     log(f"val_loader:shards pattern={hp.val_glob} tokens:{len(val_tokens) - 1}")
     log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum}")
-    log(f"attention_backend:{'fa3' if USE_FA3 else 'sdpa'} compile:{rt.compile or 0} device:{rt.device.type} "
-        f"reason:{why}")
+    log(f"attention_backend:{ATTENTION} compile:{rt.compile or 0} device:{rt.device.type} reason:{why}")
+    log(f"attention_probe:{ATTENTION} {probe}")
     log(f"precision:{'bf16' if ACT_DTYPE == torch.bfloat16 else 'fp32'} reason:{rt.precision_why}")
     log(f"attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads}")
     log(f"XSA:last_{hp.xsa_last_n} active_layers:{list(range(hp.num_layers - hp.xsa_last_n, hp.num_layers))}")

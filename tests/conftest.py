@@ -113,7 +113,7 @@ def run_in_process(workdir: Path, data: Path, script: Path | None = None, **env:
     import train_gpt as tg
 
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
-    saved = tg.ACT_DTYPE, tg.USE_FA3, torch.get_num_threads()
+    saved = tg.ACT_DTYPE, tg.ATTENTION, torch.get_num_threads()
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.clear()
     os.environ.update(script_env(data, **env))
@@ -129,7 +129,7 @@ def run_in_process(workdir: Path, data: Path, script: Path | None = None, **env:
         os.environ.clear()
         os.environ.update(saved_env)
         os.chdir(saved_cwd)
-        tg.ACT_DTYPE, tg.USE_FA3 = saved[:2]
+        tg.ACT_DTYPE, tg.ATTENTION = saved[:2]
         torch.set_num_threads(saved[2])
 
 

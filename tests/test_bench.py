@@ -31,7 +31,7 @@ def test_summary_of_the_tiny_run(tiny_run):
     last = [ln for ln in lines if ln.startswith("step:30/30 val_loss")][0]
     assert summary["steps"] == 30 and summary["ms_per_step"] == float(field(last, "step_avg")[:-2])
     assert summary["tokens_per_s"] == pytest.approx(1024 / (summary["ms_per_step"] / 1000))
-    assert (summary["attention"], summary["device"], summary["world_size"]) == ("sdpa", "cpu", 1)
+    assert (summary["attention"], summary["device"], summary["world_size"]) == ("flash", "cpu", 1)
     assert summary["warmup_compile_s"] > 0 and summary["export_s"] > 0
     assert "peak_allocated_mib" not in summary  # CPU: no CUDA memory line
     assert summary["sliding_windows"] == len(tg.sliding_windows(4096, 64, 16)) == 253

@@ -317,7 +317,9 @@ def test_the_stack_compiles_every_graph_before_it_is_timed(tmp_path, tiny_data, 
                    TTT_ENABLED="1", TTT_CHUNK_TOKENS="512", TTT_EPOCHS="1", VAL_LOSS_EVERY="3", ITERATIONS="7")
         assert run_in_process(tmp_path / str(extra), tiny_data, **env) == 0
         lines = log_lines(tmp_path / str(extra))
-        assert f"attention_backend:sdpa compile:{mode} device:cpu reason:flash_attn_interface is not installed" in lines
+        assert (f"attention_backend:flash compile:{mode} device:cpu reason:fa3: flash_attn_interface is not installed; "
+                "flash passed its probe (auto never picks fa4 or cudnn: not yet measured faster)") in lines
+        assert [ln for ln in lines if ln.startswith("attention_probe:flash err_out:")][0].endswith(" compiled:1")
         assert len([line for line in lines if line.startswith("loop:on")]) == extra
         assert graphs["warmup_time"] > 0 and graphs["training"] == graphs["warmup_time"]
         assert graphs["eval"] >= graphs["training"] and counters["stats"]["unique_graphs"] == graphs["eval"]

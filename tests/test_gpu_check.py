@@ -24,25 +24,55 @@ def environment(tmp_path, gpus: int, **extra):
     return env
 
 
-def test_smoke_mode_runs_one_and_all_gpus_and_prints_one_table(tmp_path, tiny_data):
+def test_smoke_mode_runs_one_and_all_gpus_the_profile_and_the_ab_runs(tmp_path, tiny_data):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     shutil.copy(TOKENIZER, data / "fineweb_1024_bpe.model")
     out = tmp_path / "out"
-    env = environment(tmp_path, 2, GPU_CHECK_SMOKE="1", GPU_CHECK_DATA=str(data), OUT=str(out))
+    env = environment(tmp_path, 2, GPU_CHECK_SMOKE="1", GPU_CHECK_DATA=str(data), OUT=str(out), GPU_CHECK_MIX="1")
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stdout.startswith("gpus: 2 (nvidia-smi -L)\n") and "flash_attn_interface: not importable" in proc.stdout
+    assert proc.stdout.startswith("gpus: 2 (nvidia-smi -L)\n")
+    versions = (out / "versions.txt").read_text()
+    for line in ("flash_attn_interface: not importable", "flash_attn.cute: not importable", "cudnn: ",
+                 "inductor mix_order_reduction: 1"):
+        assert line in versions, line
     table = (out / "table.txt").read_text().splitlines()
-    assert table[0].split() == ["torch", tg.torch.__version__, "auto_x1", "auto_x2"]  # the torch that was measured
+    # the torch that was measured; one GPU, all GPUs, then the A/B runs: the other backend the CPU has (math), and
+    # Inductor's mix_order_reduction off (forced here: it is measured on torch 2.11 only)
+    assert table[0].split() == ["torch", tg.torch.__version__, "auto_x1", "auto_x2", "ab_math", "ab_mix0"]
     rows = {line[:26].strip(): line[26:].split() for line in table[1:]}
-    assert rows["attention"] == ["sdpa", "sdpa"] and rows["processes"] == ["1", "2"]  # no FA3 here: SDPA
+    assert rows["attention"] == ["flash", "flash", "math", "flash"] and rows["processes"] == ["1", "2", "1", "1"]
     for key in ("steps", "ms/step", "tokens/s", "compile+warmup s", "export (zstd-22) s", "sliding windows/s/GPU",
                 "full sliding, 8 GPUs, s"):
         assert all(float(v) > 0 for v in rows[key]), key
-    assert rows["peak alloc MiB"] == ["-", "-"]  # no CUDA memory on the CPU
-    assert (out / "logs" / "gpu_check_auto_x2.txt").is_file() and (out / "versions.txt").is_file()
+    assert rows["peak alloc MiB"] == ["-"] * 4  # no CUDA memory on the CPU
+    assert "gpu_check: ab_mix0: with TORCHINDUCTOR_MIX_ORDER_REDUCTION=0 this torch has mix_order_reduction:0 (-1: " \
+        in proc.stdout  # the switch reaches Inductor
+    assert (out / "logs" / "gpu_check_auto_x2.txt").is_file()
+    profile = (out / "profile.txt").read_text()
+    assert "profile_step: 2 steps of 1024 tokens on 1x cpu" in profile and "\nhost gaps " in profile
+    assert (out / "profile_trace.json.gz").stat().st_size > 0
+    assert "\nattention bwd " in proc.stdout  # the profile's table is printed after the runs' table
+    assert proc.stdout.splitlines()[-1].startswith("gpu_check: ") and "failed" not in proc.stdout.splitlines()[-1]
+
+
+def test_ab_runs_that_do_not_fit_the_budget_are_skipped_and_said(tmp_path, tiny_data):
+    """The budget holds: with no time left after the main run, the profile and the A/B runs are skipped, each
+    saying so, and the table of what ran still comes back."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shutil.copy(TOKENIZER, data / "fineweb_1024_bpe.model")
+    out = tmp_path / "out"
+    env = environment(tmp_path, 1, GPU_CHECK_SMOKE="1", GPU_CHECK_DATA=str(data), OUT=str(out), GPU_CHECK_MIX="0",
+                      GPU_CHECK_BUDGET="200", GPU_CHECK_PROFILE_COST="1000", GPU_CHECK_AB_COST="1000")
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "gpu_check: profile skipped: " in proc.stdout and "it needs ~1000 s" in proc.stdout
+    assert "gpu_check: ab_math skipped: " in proc.stdout and "mix_order_reduction A/B not run" in proc.stdout
+    assert (out / "table.txt").read_text().splitlines()[0].split()[2:] == ["auto_x1"]
 
 
 def test_missing_data_folder_is_one_line(tmp_path):

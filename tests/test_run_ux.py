@@ -21,8 +21,11 @@ BAD = [
     ({"MLP_NEG_SLOPE": "half"}, "MLP_NEG_SLOPE='half' is not a valid float"),
     ({"COMPILE": "1"}, "COMPILE=1 must be auto, 0, blocks or model"),
     ({"PRECISION": "fp16"}, "PRECISION=fp16 must be auto, bf16 or fp32"),
-    ({"ATTENTION": "flash"}, "ATTENTION=flash must be auto, fa3 or sdpa"),
-    ({"ATTENTION": "fa3"}, "ATTENTION=fa3: FlashAttention-3 is unusable (flash_attn_interface is not installed)"),
+    ({"ATTENTION": "sdpa"}, "ATTENTION=sdpa must be auto, fa3, fa4, cudnn, flash, efficient or math"),
+    ({"ATTENTION": "fa3"}, "ATTENTION=fa3: FlashAttention-3 is unusable here (flash_attn_interface is not installed)"),
+    ({"ATTENTION": "fa4"}, "ATTENTION=fa4: FlashAttention-4 is unusable here (flash_attn.cute does not import ("),
+    ({"ATTENTION": "cudnn"}, "ATTENTION=cudnn: cuDNN SDPA is unusable here (no CUDA device)"),
+    ({"ATTENTION": "efficient"}, "ATTENTION=efficient: memory-efficient SDPA is unusable here (no CUDA device)"),
     ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS=1000 must split into 1 ranks x 8 micro-steps of whole "
                                      "TRAIN_SEQ_LEN=64 sequences (nearest valid: 512 or 1024)"),
     ({"TRAIN_BATCH_TOKENS": "100"}, "(nearest valid: 512)"),
