@@ -311,6 +311,14 @@ def target_bytes(prev: Tensor, tgt: Tensor, luts) -> Tensor:
     return base_bytes[tgt].to(torch.int64) + (has_space[tgt] & ~is_boundary[prev]).to(torch.int64)
 
 
+def token_bytes(tokens: Tensor, luts) -> Tensor:
+    """The bytes of every token of a stream as a target (int16; the first token, never a target, 0): what every
+    evaluation sums, once per scored target."""
+    out = torch.zeros(len(tokens), dtype=torch.int16)
+    out[1:] = target_bytes(tokens[:-1].long(), tokens[1:].long(), luts)
+    return out
+
+
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     if not path.endswith(".model") or not os.path.isfile(path):
         raise InputError(f"TOKENIZER_PATH={path}: expected an existing SentencePiece .model file")
@@ -887,17 +895,19 @@ class Scorer:
         return self.model.loss(self.hidden(x)[:, first:], y[:, first:], "none").view(len(y), -1)
 
 
-def score_windows(scorer, val: Tensor, luts, windows: list[tuple[int, int]], window: int, batch_windows: int,
+def score_windows(scorer, val: Tensor, val_bytes: Tensor, windows: list[tuple[int, int]], window: int, batch_windows: int,
                   sums: Tensor) -> None:
-    """Adds the NLL, count and bytes of the targets these windows score to `sums` (float64, on the device). Every
-    batch holds batch_windows windows (padding windows score nothing), so every batch has the same shape."""
+    """Adds the NLL, count and bytes (val_bytes, per token) of the targets these windows score to `sums` (float64, on
+    the device). Every batch holds batch_windows windows (padding windows score nothing), so every batch has the
+    same shape."""
     if not windows:
         return
     windows = windows + [(windows[-1][0], window)] * (-len(windows) % batch_windows)
     positions = torch.arange(window + 1, device=val.device)
     starts, first = (torch.tensor(column, device=val.device)[:, None] for column in zip(*windows))
     for i in range(0, len(windows), batch_windows):
-        tokens = val[starts[i : i + batch_windows] + positions].long()
+        index = starts[i : i + batch_windows] + positions
+        tokens = val[index].long()
         x, y = tokens[:, :-1], tokens[:, 1:]
         head = min(f for _, f in windows[i : i + batch_windows])  # the batch's first scored position (host side)
         with torch.inference_mode(), autocast(val.device):
@@ -905,7 +915,7 @@ def score_windows(scorer, val: Tensor, luts, windows: list[tuple[int, int]], win
         scored = positions[head:-1] >= first[i : i + batch_windows]
         sums[0] += (nll.double() * scored).sum()
         sums[1] += scored.sum()
-        sums[2] += (target_bytes(x[:, head:], y[:, head:], luts) * scored).sum()
+        sums[2] += (val_bytes[index[:, head + 1 :]] * scored).sum()
 
 
 def metrics(sums: Tensor, world_size: int) -> tuple[float, float, int, int]:
@@ -916,14 +926,14 @@ def metrics(sums: Tensor, world_size: int) -> tuple[float, float, int, int]:
     return loss / tokens, loss / tokens / math.log(2) * tokens / nbytes, int(tokens), int(nbytes)
 
 
-def evaluate(scorer, val: Tensor, luts, window: int, stride: int, batch_windows: int, rank: int,
+def evaluate(scorer, val: Tensor, val_bytes: Tensor, window: int, stride: int, batch_windows: int, rank: int,
              world_size: int) -> tuple[float, float, int, int]:
-    """Scores this rank's share of the windows over `val` (tokens and byte tables already on the device)."""
+    """Scores this rank's share of the windows over `val` (tokens and their bytes already on the device)."""
     total = len(val) - 1
     window = min(window, total)
     sums = torch.zeros(3, dtype=torch.float64, device=val.device)  # loss, tokens, bytes
     windows = rank_share(sliding_windows(total, window, stride), rank, world_size)
-    score_windows(scorer, val, luts, windows, window, batch_windows, sums)
+    score_windows(scorer, val, val_bytes, windows, window, batch_windows, sums)
     return metrics(sums, world_size)
 
 
@@ -968,7 +978,7 @@ def prepare_ttt(model: GPT, hp: SimpleNamespace) -> None:
         block.requires_grad_(i >= hp.ttt_freeze_blocks)
 
 
-def ttt_evaluate(model: GPT, trainer: nn.Module, scorer: Scorer, val: Tensor, luts, hp: SimpleNamespace,
+def ttt_evaluate(model: GPT, trainer: nn.Module, scorer: Scorer, val: Tensor, val_bytes: Tensor, hp: SimpleNamespace,
                  rt: SimpleNamespace, batch_windows: int, log) -> tuple[float, float, int, int]:
     """Legal score-first test-time training over the sliding-window plan: windows are grouped into chunks of
     TTT_CHUNK_TOKENS targets by their first scored target; each chunk is scored under inference mode, then (all
@@ -990,7 +1000,7 @@ def ttt_evaluate(model: GPT, trainer: nn.Module, scorer: Scorer, val: Tensor, lu
     train_s, trained, stopped = 0.0, 0, False
     for c, windows in enumerate(chunks):
         model.eval()
-        score_windows(scorer, val, luts, rank_share(windows, rt.rank, rt.world_size), window, batch_windows, sums)
+        score_windows(scorer, val, val_bytes, rank_share(windows, rt.rank, rt.world_size), window, batch_windows, sums)
         if c == len(chunks) - 1 or stopped:
             continue
         if hp.ttt_max_seconds > 0 and trained and train_s * (trained + 1) / trained > hp.ttt_max_seconds:
@@ -1503,7 +1513,7 @@ def eval_batch_windows(hp: SimpleNamespace, rt: SimpleNamespace, window: int) ->
     return max(1, hp.val_batch_size // (rt.world_size * rt.grad_accum) // window)
 
 
-def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, luts, train_files: list[str],
+def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, val_bytes: Tensor, train_files: list[str],
           progress: SimpleNamespace) -> tuple[GPT, SimpleNamespace]:
     """The timed training loop. Returns the model holding the weights to export (the SWA/EMA average when one
     applies), in eval mode, and a record of the run (agreed train_ms, steps, last val_bpb, why it stopped,
@@ -1598,7 +1608,7 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, lu
             if last:
                 train_ms = agree_max([train_ms], rt)[0]
             base_model.eval()
-            loss, val_bpb, _, _ = evaluate(scorer, val, luts, hp.train_seq_len, hp.train_seq_len,
+            loss, val_bpb, _, _ = evaluate(scorer, val, val_bytes, hp.train_seq_len, hp.train_seq_len,
                                            eval_batch_windows(hp, rt, hp.train_seq_len), rt.rank, rt.world_size)
             base_model.train()
             log(f"step:{step}/{hp.iterations} val_loss:{loss:.4f} val_bpb:{val_bpb:.4f} train_time:{train_ms:.0f}ms "
@@ -1979,7 +1989,7 @@ def prime_evaluations(model: GPT, trainer: nn.Module, scorer: Scorer, hp: Simple
         model.eval()
 
 
-def final_evaluations(model: GPT, val: Tensor, luts, hp: SimpleNamespace, rt: SimpleNamespace, log: Logger,
+def final_evaluations(model: GPT, val: Tensor, val_bytes: Tensor, hp: SimpleNamespace, rt: SimpleNamespace, log: Logger,
                       report: SimpleNamespace) -> None:
     """The artifact's scores: the non-overlapping round trip, the sliding window (the submission score) and, with
     TTT_ENABLED, legal score-first TTT, which adapts `model` as it scores and so comes last. Under COMPILE every
@@ -2000,9 +2010,9 @@ def final_evaluations(model: GPT, val: Tensor, luts, hp: SimpleNamespace, rt: Si
         finals.append(("ttt", "final_int6_ttt", stride))
     for key, label, s in finals:
         if key == "ttt":
-            out = timed(report, rt, key, ttt_evaluate, model, trainer, scorer, val, luts, hp, rt, batch, log)
+            out = timed(report, rt, key, ttt_evaluate, model, trainer, scorer, val, val_bytes, hp, rt, batch, log)
         else:
-            out = timed(report, rt, key, evaluate, scorer, val, luts, hp.eval_len, s, batch, rt.rank, rt.world_size)
+            out = timed(report, rt, key, evaluate, scorer, val, val_bytes, hp.eval_len, s, batch, rt.rank, rt.world_size)
         loss, report.bpb[key], tokens, nbytes = out
         extra = f" stride:{s}" if s < hp.eval_len else ""
         extra += f" chunk_tokens:{hp.ttt_chunk_tokens}" if key == "ttt" else ""
@@ -2044,7 +2054,7 @@ def summarise(report: SimpleNamespace, hp: SimpleNamespace, rt: SimpleNamespace,
     return 1 if failed else 0
 
 
-def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, wrapper: bytes, val: Tensor, luts,
+def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, wrapper: bytes, val: Tensor, val_bytes: Tensor,
         train_files: list[str], artifact_state: dict | None, progress: SimpleNamespace) -> int:
     """Train (unless EVAL_ONLY), export, evaluate and summarise; returns the exit status."""
     report = SimpleNamespace(bpb={}, ms={}, failed=[], train_ms=0.0, steps=0, stop=None, post_ms=0.0)
@@ -2056,7 +2066,7 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, wrap
         if rt.rank == 0 and os.path.exists(artifact):
             os.remove(artifact)
             log(f"artifact:removed the {artifact} of an earlier run")
-        model, trained = train(hp, rt, log, val, luts, train_files, progress)
+        model, trained = train(hp, rt, log, val, val_bytes, train_files, progress)
         report.train_ms, report.steps, report.stop = trained.train_ms, trained.steps, trained.stop
         report.bpb["pre_quant"] = trained.val_bpb
         if not trained.replicas_identical:
@@ -2068,7 +2078,7 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, wrap
         post_start = time.perf_counter()
         if trained.averaged:
             seq = hp.train_seq_len
-            loss, report.bpb["averaged"], _, _ = timed(report, rt, "averaged", evaluate, trained.scorer, val, luts,
+            loss, report.bpb["averaged"], _, _ = timed(report, rt, "averaged", evaluate, trained.scorer, val, val_bytes,
                                                        seq, seq, eval_batch_windows(hp, rt, seq), rt.rank,
                                                        rt.world_size)
             log(f"averaged val_loss:{loss:.4f} val_bpb:{report.bpb['averaged']:.4f} "
@@ -2093,7 +2103,7 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, wrap
     eval_model = build_model(hp, rt.device)
     eval_model.load_state_dict(artifact_state or unpack_artifact(blob, eval_model.state_dict()), strict=True)
     eval_model.eval()
-    final_evaluations(eval_model, val, luts, hp, rt, log, report)
+    final_evaluations(eval_model, val, val_bytes, hp, rt, log, report)
     report.post_ms = 1000 * (time.perf_counter() - post_start)
     log(f"post_training_time:{report.post_ms:.0f}ms")
     return summarise(report, hp, rt, log, len(blob), len(wrapper))
@@ -2197,12 +2207,12 @@ def main() -> int:
     torch.manual_seed(hp.seed)
 
     val = val_tokens.to(rt.device, torch.int32)  # on the device once per run; int32 halves its memory
-    luts = [t.to(rt.device) for t in luts]
+    val_bytes = token_bytes(val_tokens, luts).to(rt.device)
     progress = SimpleNamespace(step=0, train_ms=0.0, artifact=None, reported=False)
     signal.signal(signal.SIGTERM, interrupt)  # how torchrun stops its workers after a Ctrl-C
     try:
         with exit_promptly_on_signals(rt, log, progress):
-            status = run(hp, rt, log, code, wrapper, val, luts, train_files, artifact_state, progress)
+            status = run(hp, rt, log, code, wrapper, val, val_bytes, train_files, artifact_state, progress)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

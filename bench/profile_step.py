@@ -198,7 +198,7 @@ def profiled_run(args, result: dict):
                 end["window"].__exit__(None, None, None)
                 prof.stop()
 
-        tg.train(hp, rt, given["log"], given["val"], given["luts"], given["train_files"], StepWatch(on_step))
+        tg.train(hp, rt, given["log"], given["val"], given["val_bytes"], given["train_files"], StepWatch(on_step))
         result.update(prof=prof, rt=rt, hp=hp, plain_ms=1000 * (end[plain] - end[args.skip]) / args.steps,
                       measured_ms=1000 * (end[profiled] - end["start"]) / args.steps)
         return 0

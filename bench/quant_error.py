@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         hp = tg.read_hyperparameters({**env, "COMPILE": env.get("COMPILE", "0"), "RUN_ID": "quant_error"})
         rt = tg.runtime(hp)
         tg.ACT_DTYPE = rt.precision
-        luts = [t.to(rt.device) for t in tg.build_byte_luts(tg.load_tokenizer(hp.tokenizer_path, hp.vocab_size),
-                                                             hp.vocab_size)]
-        val = tg.load_validation_tokens(tg.resolve_files(hp.val_glob, "VAL_FILES"), hp.train_seq_len,
-                                        hp.val_max_tokens).to(rt.device, torch.int32)
+        luts = tg.build_byte_luts(tg.load_tokenizer(hp.tokenizer_path, hp.vocab_size), hp.vocab_size)
+        tokens = tg.load_validation_tokens(tg.resolve_files(hp.val_glob, "VAL_FILES"), hp.train_seq_len,
+                                           hp.val_max_tokens)
+        val, val_bytes = tokens.to(rt.device, torch.int32), tg.token_bytes(tokens, luts).to(rt.device)
         train_files = tg.resolve_files(hp.train_glob, "TRAIN_FILES")
     except tg.InputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(torch.load(args.state, map_location=rt.device))
     else:
         progress = SimpleNamespace(step=0, train_ms=0.0, artifact=None, reported=False)
-        model, _ = tg.train(hp, rt, tg.Logger(hp.run_id, True, b""), val, luts, train_files, progress)
+        model, _ = tg.train(hp, rt, tg.Logger(hp.run_id, True, b""), val, val_bytes, train_files, progress)
     if args.save_state:
         torch.save(model.state_dict(), args.save_state)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def val_loss() -> float:
         seq = hp.train_seq_len
-        return tg.evaluate(tg.Scorer(model), val, luts, seq, seq, tg.eval_batch_windows(hp, rt, seq), 0, 1)[0]
+        return tg.evaluate(tg.Scorer(model), val, val_bytes, seq, seq, tg.eval_batch_windows(hp, rt, seq), 0, 1)[0]
 
     base = val_loss()
     print(f"trained: val_loss {base:.4f} before quantisation; {sum(v.numel() for v in state.values()):,} values; "

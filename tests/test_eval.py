@@ -129,7 +129,7 @@ def position_free_reference(toks: torch.Tensor) -> float:
 def test_uniform_logits_give_ln_v_and_exact_counts():
     toks, luts = make_tokens(300, seed=1), make_luts()
     uniform = lambda x: torch.zeros(*x.shape, V)  # noqa: E731
-    loss, bpb, tokens, nbytes = tg.evaluate(scorer_of(uniform), toks, luts, 32, 8, 4, 0, 1)
+    loss, bpb, tokens, nbytes = tg.evaluate(scorer_of(uniform), toks, tg.token_bytes(toks, luts), 32, 8, 4, 0, 1)
     assert tokens == 300 and nbytes == all_target_bytes(toks, luts)
     assert loss == pytest.approx(math.log(V), rel=1e-6)
     assert bpb == pytest.approx(math.log(V) / math.log(2) * 300 / nbytes, rel=1e-6)
@@ -139,7 +139,9 @@ def test_uniform_logits_give_ln_v_and_exact_counts():
                                                         (20, 32, 8, 4), (129, 32, 1, 7)])
 def test_position_free_logits_match_per_target_reference(total, window, stride, batch):
     toks, luts = make_tokens(total, seed=total), make_luts()
-    loss, bpb, tokens, nbytes = tg.evaluate(scorer_of(position_free_logits_fn), toks, luts, window, stride, batch, 0, 1)
+    per_token = tg.token_bytes(toks, luts)
+    loss, bpb, tokens, nbytes = tg.evaluate(scorer_of(position_free_logits_fn), toks, per_token, window, stride, batch,
+                                            0, 1)
     assert tokens == total and nbytes == all_target_bytes(toks, luts)
     assert loss == pytest.approx(position_free_reference(toks) / total, rel=1e-6)
 
@@ -160,16 +162,16 @@ class RecordingAllReduce:
 @pytest.mark.parametrize("total,window,stride,batch", [(300, 32, 8, 4), (61, 32, 8, 2), (40, 32, 32, 1)])
 def test_rank_slices_cover_every_window_once(monkeypatch, world_size, total, window, stride, batch):
     toks, luts = make_tokens(total, seed=7), make_luts()
-    recorder = RecordingAllReduce()
+    per_token, recorder = tg.token_bytes(toks, luts), RecordingAllReduce()
     monkeypatch.setattr(tg.dist, "all_reduce", recorder)
     if world_size == 1:
-        loss, _, tokens, nbytes = tg.evaluate(scorer_of(position_free_logits_fn), toks, luts, window, stride, batch,
-                                              0, 1)
+        loss, _, tokens, nbytes = tg.evaluate(scorer_of(position_free_logits_fn), toks, per_token, window, stride,
+                                              batch, 0, 1)
         assert recorder.parts == [], "a single process must not all-reduce"
         sums = torch.tensor([loss * tokens, tokens, nbytes], dtype=torch.float64)
     else:
         for rank in range(world_size):
-            tg.evaluate(scorer_of(position_free_logits_fn), toks, luts, window, stride, batch, rank, world_size)
+            tg.evaluate(scorer_of(position_free_logits_fn), toks, per_token, window, stride, batch, rank, world_size)
         assert len(recorder.parts) == world_size
         assert all(p.dtype == torch.float64 and p.shape == (3,) for p in recorder.parts)
         sums = torch.stack(recorder.parts).sum(0)
@@ -205,7 +207,8 @@ def test_sliding_loss_equals_brute_force_reference_fp32(model, total, window, st
     m, _ = model
     fn, _ = fp32_logits_fn(m)
     toks, luts = make_tokens(total, seed=total + 3), make_luts()
-    loss, bpb, tokens, nbytes = tg.evaluate(scorer_of(fn), toks, luts, window, stride, batch, 0, 1)
+    loss, bpb, tokens, nbytes = tg.evaluate(scorer_of(fn), toks, tg.token_bytes(toks, luts), window, stride, batch, 0,
+                                            1)
     assert tokens == total and nbytes == all_target_bytes(toks, luts)
     ref = brute_force(fn, toks, window, stride, use_autocast=False) / total
     assert loss == pytest.approx(ref, rel=1e-5)
@@ -220,7 +223,7 @@ def test_sliding_loss_bf16_model_close_to_reference(model):
     m, _ = model
     total, window, stride = 90, 32, 8
     toks, luts = make_tokens(total, seed=11), make_luts()
-    loss, _, tokens, _ = tg.evaluate(tg.Scorer(m), toks, luts, window, stride, 4, 0, 1)
+    loss, _, tokens, _ = tg.evaluate(tg.Scorer(m), toks, tg.token_bytes(toks, luts), window, stride, 4, 0, 1)
     ref = brute_force(lambda x: m.logits(m.hidden(x)), toks, window, stride, use_autocast=True) / total
     assert tokens == total
     assert loss == pytest.approx(ref, rel=2e-3)
@@ -235,10 +238,11 @@ def test_head_runs_on_scored_positions_only_and_equals_the_full_computation(mode
     seen, real_loss = [], m.loss
     m.loss = lambda x, y, reduction="mean": (seen.append(x.size(1)), real_loss(x, y, reduction))[1]
     try:
-        fast = tg.evaluate(tg.Scorer(m), toks, luts, window, stride, batch, 0, 1)
+        fast = tg.evaluate(tg.Scorer(m), toks, tg.token_bytes(toks, luts), window, stride, batch, 0, 1)
     finally:
         del m.loss
-    full = tg.evaluate(scorer_of(lambda x: m.logits(m.hidden(x))), toks, luts, window, stride, batch, 0, 1)
+    full = tg.evaluate(scorer_of(lambda x: m.logits(m.hidden(x))), toks, tg.token_bytes(toks, luts), window, stride,
+                       batch, 0, 1)
     assert fast[2:] == full[2:] == (total, all_target_bytes(toks, luts))
     assert fast[0] == pytest.approx(full[0], rel=1e-6)
     windows = tg.sliding_windows(total, window, stride)
@@ -251,7 +255,7 @@ def test_context_matters_for_tiny_model(model):
     m, _ = model
     fn, _ = fp32_logits_fn(m)
     toks, luts = make_tokens(101, seed=104), make_luts()
-    loss, *_ = tg.evaluate(scorer_of(fn), toks, luts, 32, 8, 3, 0, 1)
+    loss, *_ = tg.evaluate(scorer_of(fn), toks, tg.token_bytes(toks, luts), 32, 8, 3, 0, 1)
     short = sum(F.cross_entropy(fn(toks[j : j + 1][None])[0, -1:].double(), toks[j + 1 : j + 2]).item()
                 for j in range(101)) / 101
     assert abs(loss - short) > 1e-3
@@ -261,7 +265,7 @@ def test_context_matters_for_tiny_model(model):
 def test_stride_equal_window_is_plain_non_overlapping_eval(model, total, window):
     m, hp = model
     toks, luts = make_tokens(total, seed=5), make_luts()
-    loss, bpb, tokens, nbytes = tg.evaluate(tg.Scorer(m), toks, luts, window, window, 2, 0, 1)
+    loss, bpb, tokens, nbytes = tg.evaluate(tg.Scorer(m), toks, tg.token_bytes(toks, luts), window, window, 2, 0, 1)
     x = toks[:-1].view(-1, window)
     y = toks[1:].view(-1, window)
     with torch.inference_mode(), tg.autocast(CPU):
@@ -279,7 +283,7 @@ def test_stride_equal_window_with_ragged_tail(model):
     fn, _ = fp32_logits_fn(m)
     total, window = 100, 32
     toks, luts = make_tokens(total, seed=6), make_luts()
-    loss, _, tokens, nbytes = tg.evaluate(scorer_of(fn), toks, luts, window, window, 2, 0, 1)
+    loss, _, tokens, nbytes = tg.evaluate(scorer_of(fn), toks, tg.token_bytes(toks, luts), window, window, 2, 0, 1)
     nll = torch.zeros(total, dtype=torch.float64)
     for s in (0, 32, 64):
         logits = fn(toks[s : s + window][None])[0]
@@ -308,7 +312,7 @@ model = tg.build_model(hp, torch.device("cpu"))
 model.load_state_dict(blob["state"], strict=True)
 model.eval()
 args = blob["args"]
-res = tg.evaluate(tg.Scorer(model), blob["toks"], blob["luts"], args["window"],
+res = tg.evaluate(tg.Scorer(model), blob["toks"], tg.token_bytes(blob["toks"], blob["luts"]), args["window"],
                   args["stride"], args["batch"], rank, world)
 dist.destroy_process_group()
 with open(os.environ["PG_OUTPUT"], "w") as f:
@@ -365,5 +369,5 @@ def test_two_process_gloo_equals_single_process(model, tmp_path):
     assert loss == pytest.approx(single[0], rel=1e-9)
     assert bpb == pytest.approx(single[1], rel=1e-9)
     # and the one-rank worker is the in-process evaluation (same code, same numbers up to kernel choice)
-    here = tg.evaluate(tg.Scorer(m), toks, luts, window, stride, batch, 0, 1)
+    here = tg.evaluate(tg.Scorer(m), toks, tg.token_bytes(toks, luts), window, stride, batch, 0, 1)
     assert here[2:] == tuple(single[2:]) and here[0] == pytest.approx(single[0], rel=1e-4)

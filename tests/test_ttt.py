@@ -25,15 +25,15 @@ def instrumented_ttt(monkeypatch, total: int, **env):
     torch.manual_seed(0)
     model = tg.build_model(hp, CPU)
     val = torch.randint(0, 64, (total + 1,))
-    plain = tg.evaluate(tg.Scorer(model), val, LUTS, hp.eval_len, hp.eval_stride, 4, 0, 1)
+    plain = tg.evaluate(tg.Scorer(model), val, tg.token_bytes(val, LUTS), hp.eval_len, hp.eval_stride, 4, 0, 1)
     tg.prepare_ttt(model, hp)
     events = []
     real_score, real_train = tg.score_windows, tg.ttt_train_chunk
 
-    def score(scorer, val_dev, luts, windows, window, batch_windows, sums):
+    def score(scorer, val_dev, val_bytes, windows, window, batch_windows, sums):
         for start, first in windows:
             events.append(("score", list(range(start + first, start + window))))
-        real_score(scorer, val_dev, luts, windows, window, batch_windows, sums)
+        real_score(scorer, val_dev, val_bytes, windows, window, batch_windows, sums)
 
     def train(model, params, optimizer, val_dev, starts, seq_len, num_seqs, epochs, world_size):
         targets = [t for s in starts.tolist() for t in range(s, s + seq_len)]  # inputs s.., targets s+1.. = index s..
@@ -50,7 +50,7 @@ def instrumented_ttt(monkeypatch, total: int, **env):
     monkeypatch.setattr(tg, "score_windows", score)
     monkeypatch.setattr(tg, "ttt_train_chunk", train)
     logs = []
-    result = tg.ttt_evaluate(model, model, tg.Scorer(model), val, LUTS, hp, RT, 4, logs.append)
+    result = tg.ttt_evaluate(model, model, tg.Scorer(model), val, tg.token_bytes(val, LUTS), hp, RT, 4, logs.append)
     monkeypatch.setattr(tg, "score_windows", real_score)
     monkeypatch.setattr(tg, "ttt_train_chunk", real_train)
     return result, plain, events, logs, hp
@@ -89,7 +89,7 @@ def test_frozen_blocks_do_not_move_and_the_cap_stops_updates(monkeypatch):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     val = torch.randint(0, 64, (241,))
     tg.prepare_ttt(model, hp)
-    tg.ttt_evaluate(model, model, tg.Scorer(model), val, LUTS, hp, RT, 4, lambda line: None)
+    tg.ttt_evaluate(model, model, tg.Scorer(model), val, tg.token_bytes(val, LUTS), hp, RT, 4, lambda line: None)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.0."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.1."))
@@ -139,7 +139,8 @@ def test_embedding_tables_train_in_fp32_and_keep_sub_bf16_updates():
     assert model.tok_emb.weight.dtype == torch.bfloat16
     logs, ttt_hp = [], tg.read_hyperparameters({**SMALL, "TTT_LR": "1e-4"})
     tg.prepare_ttt(model, ttt_hp)
-    tg.ttt_evaluate(model, model, tg.Scorer(model), torch.randint(0, 64, (241,)), LUTS, ttt_hp, RT, 4, logs.append)
+    val = torch.randint(0, 64, (241,))
+    tg.ttt_evaluate(model, model, tg.Scorer(model), val, tg.token_bytes(val, LUTS), ttt_hp, RT, 4, logs.append)
     assert logs[0].endswith("embedding_tables:fp32")
     trained = [p for p in model.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 for p in trained)
