@@ -1,6 +1,6 @@
 """Throughput benchmark: run the real train_gpt.py for a short, capped time (the submitted code, not a copy of its
-loop) and summarise its log: ms/step, tokens/s, MFU, peak memory, compile (warmup) and export time, the attention
-backend and the sliding eval's rate (extrapolated to 8 GPUs with --full-val-targets N), the model's shape read from
+loop) and summarise its log: ms/step, tokens/s, MFU, peak memory, compile (warmup, and the evaluations' priming),
+GPTQ calibration and export time, the artifact's bytes, the attention backend and the sliding eval's rate (extrapolated to 8 GPUs with --full-val-targets N), the model's shape read from
 the log's hparam lines. Exit status: 0; 2 bad input (one `error:` line); else train_gpt.py's.
     python bench/bench.py --seconds 120 --nproc 1 -- TRAIN_FILES='d/blogs_*.bin' VAL_FILES='d/fineweb_val_*.bin'
     python bench/bench.py --log logs/<RUN_ID>.txt           # summarise a finished run instead
@@ -47,8 +47,12 @@ def summarise(path: Path, full_val_targets: int | None = None) -> dict[str, floa
                                    "device": backend.fields["device"]} if backend else {"world_size": world}
     out.update(steps=int(step.num("step")), ms_per_step=ms, tokens_per_s=tps, tokens_per_s_per_gpu=tps / world,
                mfu_vs_h100_bf16=flops_per_token(hp) * tps / (H100_BF16_DENSE_FLOPS * world))
-    times = {"warmup_compile_s": run.num("warmup_time"), "export_s": run.num("export_time")}
+    budget, priming = run.last("gptq", "budget"), run.last("eval", "compiled")
+    times = {"warmup_compile_s": run.num("warmup_time"), "eval_compile_s": priming and priming.num("compile_ms"),
+             "calibration_s": budget and budget.num("calib_ms"), "export_s": run.num("export_time")}
     out.update({key: value / 1000 for key, value in times.items() if value is not None})
+    if artifact := run.last("artifact"):
+        out["artifact_bytes"] = int(artifact.num("bytes"))
     if peak := run.last("peak memory allocated"):  # CUDA only
         out.update(peak_allocated_mib=int(peak.num()), peak_reserved_mib=int(peak.num("reserved")))
     sliding, targets = run.last("final_int6_sliding_window"), run.num("val_loader", "tokens")

@@ -3,30 +3,39 @@
 #   versions (python, torch, CUDA, cuDNN, GPU, FlashAttention-3 and -4, Inductor's mix_order_reduction), then the
 #   default (seed) configuration under torch.compile for a short wall-clock cap with the attention backend the
 #   script picks (ATTENTION=auto) and, when the machine has several GPUs (nvidia-smi -L), once more on all of them
-#   (torchrun on 2, 4 or 8: the most that is a power of two, as the batch split needs). Then where one step's time
-#   goes (bench/profile_step.py: attention forward/backward, matmuls, norms/elementwise, optimizer, communication,
-#   host gaps), and short A/B runs: every other attention backend that is installed (cudnn, fa4, flash, fa3) and,
-#   on torch 2.11, Inductor's mix_order_reduction off. One table at the end, read from the logs by
-#   records/runlog.py: ms/step, tokens/s, MFU, peak memory, compile (warmup) and export time, the sliding eval's
-#   rate on the validation slice, extrapolated to the full validation set on 8 GPUs, and in its header the torch
-#   version that was measured; then the profile's table.
+#   (torchrun on 2, 4 or 8: the most that is a power of two, as the batch split needs). Then the README's two
+#   frontier stacks, short: sp1024 (loops, parallel residuals, GPTQ + SDClip, brotli) and, when the data folder has
+#   an 8,192-token *8192*.model, SP8192 with TTT (on the sp1024 tokens, whose ids fit: its throughput, memory,
+#   compile, calibration and export are real, its losses and bytes per token mean nothing). Then where one step's
+#   time goes (bench/profile_step.py: attention forward/backward, matmuls, norms/elementwise, optimizer,
+#   communication, host gaps), and short A/B runs: COMPILE=model (the whole-model compile) against auto's blocks,
+#   every other attention backend that is installed (cudnn, fa4, flash, fa3) and, on torch 2.11, Inductor's
+#   mix_order_reduction off. One table at the end, read from the logs by records/runlog.py: ms/step, tokens/s, MFU,
+#   peak memory, compile (warmup; the evaluations' priming), GPTQ calibration, export time and the artifact's
+#   bytes, the sliding eval's rate on the validation slice, extrapolated to the full validation set on 8 GPUs, and
+#   in its header the torch version that was measured; then the profile's table. Each run's warmup phases (one per
+#   loop shape, then the eval graph) are in its log, logs/gpu_check_<name>.txt, as `warmup:<phase> ms:...`.
 #
 # Time budget, one H100/H200 (GPU_CHECK_BUDGET, default 540 s, so the device call's 560 s limit holds): start and
-# versions ~10 s; the main run 60 s of training + ~75 s compile and warmup + ~25 s start, export and evals (the
-# 2026-12-04 H200 run: warmup 74 s, export 6 s, sliding eval 9 s); the profile ~90 s (compile mostly cached by the
-# main run); each A/B run GPU_CHECK_AB_SECONDS (25) of training + ~95 s (its graphs differ: a cold compile). A step
-# that would end past the budget is skipped and says so, and each runs under `timeout` at what is left, so the table
-# always comes back. On the 2026-12-04 machine (no FA3/FA4, torch 2.11): 10 + 160 + 90 + 2 x 120 = 500 s.
+# versions ~10 s; the main run GPU_CHECK_SECONDS (40) of training + compile and warmup (75 s under the whole-model
+# compile on 2026-12-04; the blocks compile is not measured yet) + ~25 s start, export and evals; each stack
+# GPU_CHECK_STACK_SECONDS (30, of which GPTQ reserves 10) + ~120 s of compile, calibration, export and evals on a
+# 262,144-target slice (GPU_CHECK_STACK_COST, 150); the profile ~90 s (compile mostly cached by the main run); each
+# A/B run GPU_CHECK_AB_SECONDS (25) of training + ~95 s (its graphs differ: a cold compile). A step that would end
+# past the budget is skipped and says so, and each runs under `timeout` at what is left, so the table always comes
+# back. Estimated for the 2026-12-04 machine (no FA3/FA4, torch 2.11): 10 + 140 + 2 x 150 + 90 = 540 s: the stacks
+# come before the profile and the A/B runs, which a later call can run alone (GPU_CHECK_STACKS=none).
 #
 #   bash bench/gpu_check.sh                     # data in $GPU_CHECK_DATA (default scratch/gpu), see below
 #   GPU_CHECK_SMOKE=1 bash bench/gpu_check.sh   # the same path on the CPU at a tiny configuration
 #
 # $GPU_CHECK_DATA holds *train_*.bin (or .bin.xz, unpacked here), *val_*.bin and one SentencePiece *.model.
-# Wheels in $GPU_CHECK_WHEELS (default scratch/wheels) are installed first when zstandard is missing.
+# Wheels in $GPU_CHECK_WHEELS (default scratch/wheels) are installed first when zstandard or brotli is missing.
 # GPU_CHECK_FULL_VAL_TARGETS: targets of the full validation set for the extrapolation (default: sp1024's
 # 62021632, the tokenizer this check runs; SP8192's set has 40540160). GPU_CHECK_MIX: the mix_order_reduction A/B
 # (auto: on torch 2.11 only; 1 always; 0 never). GPU_CHECK_AB: the attention backends to A/B (default: the installed
-# ones of cudnn fa4 flash fa3 other than auto's pick; "none" for none).
+# ones of cudnn fa4 flash fa3 other than auto's pick; "none" for none). GPU_CHECK_STACKS: the stacks to run (default
+# "sp1024 sp8192"; "none" for none).
 # Logs, the tables and the profile's trace go to $OUT when set (the device tool brings that folder back), else
 # scratch/gpu_check.
 set -euo pipefail
@@ -41,9 +50,9 @@ mkdir -p "$work"
 smoke=${GPU_CHECK_SMOKE:-0}
 py=${PYTHON:-python3}
 
-if ! "$py" -c "import zstandard" 2>/dev/null; then
+if ! "$py" -c "import zstandard, brotli" 2>/dev/null; then  # brotli: the stacks' compressor
   wheels=${GPU_CHECK_WHEELS:-scratch/wheels}
-  ls "$wheels"/*.whl >/dev/null 2>&1 || fail "zstandard is missing and $wheels holds no wheels"
+  ls "$wheels"/*.whl >/dev/null 2>&1 || fail "zstandard or brotli is missing and $wheels holds no wheels"
   "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_check_site "$wheels"/*.whl
   export PYTHONPATH=/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -52,8 +61,9 @@ for xz in "$data"/*train_*.bin.xz; do
 done
 train=$(ls "$data"/*train_*.bin 2>/dev/null | head -n 1) || true
 val=$(ls "$data"/*val_*.bin 2>/dev/null | head -n 1) || true
-model=$(ls "$data"/*.model 2>/dev/null | head -n 1) || true
-[[ -n $train && -n $val && -n $model ]] || fail "$data needs *train_*.bin, *val_*.bin and a *.model"
+model=$(ls "$data"/*.model 2>/dev/null | grep -v 8192 | head -n 1) || true
+model8192=$(ls "$data"/*8192*.model 2>/dev/null | head -n 1) || true
+[[ -n $train && -n $val && -n $model ]] || fail "$data needs *train_*.bin, *val_*.bin and a (1,024-token) *.model"
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -79,18 +89,35 @@ PY
 common=(TRAIN_FILES="$data/*train_*.bin" VAL_FILES="$data/*val_*.bin" TOKENIZER_PATH="$model")
 budget=${GPU_CHECK_BUDGET:-540}
 ab_seconds=${GPU_CHECK_AB_SECONDS:-25} ab_cost=${GPU_CHECK_AB_COST:-120} profile_cost=${GPU_CHECK_PROFILE_COST:-90}
+stack_seconds=${GPU_CHECK_STACK_SECONDS:-30} stack_cost=${GPU_CHECK_STACK_COST:-150}
 profile_args=()
+# The README's frontier stacks (its commands' settings), on a 262,144-target validation slice
+sp1024=(MLP_NEG_SLOPE=0.5 ROPE_DIMS=16 ROPE_BASE=10000 LN_SCALE=1 XSA_LAST_N=11 EMA_DECAY=0.997 QK_GAIN_INIT=5.0
+        LOOP_LAYERS=4-5 LOOP_START=0.35 PARALLEL_START=7 MUON_ROW_NORM=1 SKIP_GATES=1 MUON_WD=0.09 WARMDOWN_FRAC=0.72
+        TRAIN_BATCH_TOKENS=786432 QUANT_METHOD=gptq QUANT_CLIP=sigma COMPRESSOR=brotli VAL_MAX_TOKENS=262144)
+sp8192=(VOCAB_SIZE=8192 TOKENIZER_PATH="$model8192" BIGRAM_VOCAB_SIZE=0 MLP_MULT=4 MLP_NEG_SLOPE=0.5 ROPE_DIMS=16
+        ROPE_BASE=10000 LN_SCALE=1 XSA_LAST_N=11 QK_GAIN_INIT=5.25 LOOP_LAYERS=3-5 LOOP_EXTRA=2 LOOP_START=0.35
+        PARALLEL_START=7 MUON_ROW_NORM=1 SKIP_GATES=1 MUON_WD=0.095 MATRIX_LR=0.022 EMA_DECAY=0.9965
+        WARMDOWN_FRAC=0.72 TRAIN_BATCH_TOKENS=786432 QUANT_METHOD=gptq QUANT_CLIP=sigma EMBED_BITS=7
+        GPTQ_RESERVE_SECONDS=12 COMPRESSOR=brotli TTT_ENABLED=1 TTT_LR=0.005 VAL_MAX_TOKENS=262144)
 if [[ $smoke == 1 ]]; then
   seconds=1 ab_seconds=1 ab_cost=${GPU_CHECK_AB_COST:-30} profile_cost=${GPU_CHECK_PROFILE_COST:-30}
+  stack_seconds=2 stack_cost=${GPU_CHECK_STACK_COST:-40}
   profile_args=(--skip 2 --steps 2)
   common+=(NUM_LAYERS=2 MODEL_DIM=64 NUM_HEADS=4 NUM_KV_HEADS=2 MLP_MULT=2 BIGRAM_VOCAB_SIZE=64 BIGRAM_DIM=16
            XSA_LAST_N=1 TRAIN_SEQ_LEN=64 EVAL_SEQ_LEN=64 EVAL_STRIDE=16 TRAIN_BATCH_TOKENS=1024 VAL_BATCH_SIZE=8192
            VAL_MAX_TOKENS=4096 WARMUP_STEPS=2 WARMDOWN_ITERS=5 COMPILE=0)
+  small=(NUM_LAYERS=6 XSA_LAST_N=6 PARALLEL_START=4 TRAIN_BATCH_TOKENS=1024 VAL_MAX_TOKENS=4096 GPTQ_RESERVE_SECONDS=1
+         GPTQ_CALIB_SEQS=4 MLP_MULT=17 TTT_CHUNK_TOKENS=1024 TTT_EPOCHS=1)  # the stacks' shapes, tiny
+  sp1024+=("${small[@]}" LOOP_LAYERS=2-3)
+  sp8192+=("${small[@]}" LOOP_LAYERS=1-3)
   backends=(math)  # the CPU has flash (auto's pick) and math
 else
-  seconds=${GPU_CHECK_SECONDS:-60}
+  seconds=${GPU_CHECK_SECONDS:-40}
   backends=(cudnn fa4 flash fa3)  # most wanted first: the budget may not reach the last
 fi
+read -r -a stacks <<< "${GPU_CHECK_STACKS:-sp1024 sp8192}"
+[[ ${stacks[0]:-} == none ]] && stacks=()
 [[ -n ${GPU_CHECK_AB:-} ]] && read -r -a backends <<< "${GPU_CHECK_AB/none/}"
 
 names=() failed=()
@@ -114,6 +141,19 @@ bench_run auto_x1 "$seconds" 1 "$(left)" - ATTENTION=auto
 for n in 8 4 2; do  # every GPU the machine has, as the largest power of two (the batch splits into 8 / n steps)
   if ((gpus >= n)); then bench_run "auto_x$n" "$seconds" "$n" "$(left)" - ATTENTION=auto; break; fi
 done
+for stack in "${stacks[@]}"; do
+  if [[ $stack == sp8192 && -z $model8192 ]]; then
+    echo "gpu_check: sp8192 skipped: $data has no *8192*.model"
+  elif (($(left) >= stack_cost)); then
+    case $stack in
+      sp1024) bench_run sp1024 "$stack_seconds" 1 "$(left)" - "${sp1024[@]}" ;;
+      sp8192) bench_run sp8192 "$stack_seconds" 1 "$(left)" - "${sp8192[@]}" ;;
+      *) fail "GPU_CHECK_STACKS: unknown stack $stack (expected sp1024, sp8192 or none)" ;;
+    esac
+  else
+    echo "gpu_check: $stack skipped: $(left) s left of the budget, a stack run needs ~$stack_cost s"
+  fi
+done
 
 if (($(left) >= profile_cost)); then
   echo "== profile: where one training step's time goes =="
@@ -127,7 +167,8 @@ fi
 auto=$(grep -m1 -oP '^attention_backend:\K\S+' "$work/logs/gpu_check_auto_x1.txt")
 installed() { case $1 in fa3) grep -q '^flash_attn_interface: importable' "$work/versions.txt" ;;
                          fa4) grep -q '^flash_attn.cute: importable' "$work/versions.txt" ;; *) true ;; esac; }
-arms=()
+arms=("ab_model:COMPILE=model:-")  # the whole-model compile, against auto's regions (blocks)
+[[ $smoke == 1 ]] && arms=()  # the CPU runs no compile
 for b in "${backends[@]}"; do [[ $b != "$auto" ]] && installed "$b" && arms+=("ab_$b:ATTENTION=$b:-"); done
 torch_version=$(grep -oP 'torch: \K\S+' "$work/versions.txt")
 mix=${GPU_CHECK_MIX:-auto}
@@ -163,7 +204,8 @@ first = runlog.read(logs[names[0]])
 rows = [("attention", "attention"), ("processes", "world_size"), ("steps", "steps"), ("ms/step", "ms_per_step"),
         ("tokens/s", "tokens_per_s"), ("MFU (989 TFLOP/s)", "mfu_vs_h100_bf16"),
         ("peak alloc MiB", "peak_allocated_mib"), ("compile+warmup s", "warmup_compile_s"),
-        ("export (zstd-22) s", "export_s"), ("sliding windows/s/GPU", "sliding_windows_per_s_per_gpu"),
+        ("eval compile s", "eval_compile_s"), ("GPTQ calibration s", "calibration_s"), ("export s", "export_s"),
+        ("artifact bytes", "artifact_bytes"), ("sliding windows/s/GPU", "sliding_windows_per_s_per_gpu"),
         ("full sliding, 8 GPUs, s", "sliding_full_val_8gpu_s")]
 show = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 print(f"{'torch ' + str(first.torch_version):26}" + "".join(f"{name:>22}" for name in names))

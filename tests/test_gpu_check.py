@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import train_gpt as tg
-from conftest import REPO, TOKENIZER
+from conftest import REPO, TOKENIZER, TOKENIZER_8192
 
 
 def fake_nvidia_smi(folder, gpus: int):
@@ -24,10 +24,11 @@ def environment(tmp_path, gpus: int, **extra):
     return env
 
 
-def test_smoke_mode_runs_one_and_all_gpus_the_profile_and_the_ab_runs(tmp_path, tiny_data):
+def test_smoke_mode_runs_one_and_all_gpus_the_stacks_the_profile_and_the_ab_runs(tmp_path, tiny_data):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     shutil.copy(TOKENIZER, data / "fineweb_1024_bpe.model")
+    shutil.copy(TOKENIZER_8192, data / "fineweb_8192_bpe.model")
     out = tmp_path / "out"
     env = environment(tmp_path, 2, GPU_CHECK_SMOKE="1", GPU_CHECK_DATA=str(data), OUT=str(out), GPU_CHECK_MIX="1")
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
@@ -41,13 +42,20 @@ def test_smoke_mode_runs_one_and_all_gpus_the_profile_and_the_ab_runs(tmp_path, 
     table = (out / "table.txt").read_text().splitlines()
     # the torch that was measured; one GPU, all GPUs, then the A/B runs: the other backend the CPU has (math), and
     # Inductor's mix_order_reduction off (forced here: it is measured on torch 2.11 only)
-    assert table[0].split() == ["torch", tg.torch.__version__, "auto_x1", "auto_x2", "ab_math", "ab_mix0"]
+    # and the two frontier stacks at tiny shapes (their flags, loops, GPTQ, brotli; SP8192 with TTT)
+    assert table[0].split() == ["torch", tg.torch.__version__, "auto_x1", "auto_x2", "sp1024", "sp8192", "ab_math",
+                                "ab_mix0"]
     rows = {line[:26].strip(): line[26:].split() for line in table[1:]}
-    assert rows["attention"] == ["flash", "flash", "math", "flash"] and rows["processes"] == ["1", "2", "1", "1"]
-    for key in ("steps", "ms/step", "tokens/s", "compile+warmup s", "export (zstd-22) s", "sliding windows/s/GPU",
-                "full sliding, 8 GPUs, s"):
+    assert rows["attention"] == ["flash", "flash", "flash", "flash", "math", "flash"]
+    assert rows["processes"] == ["1", "2", "1", "1", "1", "1"]
+    for key in ("steps", "ms/step", "tokens/s", "compile+warmup s", "export s", "artifact bytes",
+                "sliding windows/s/GPU", "full sliding, 8 GPUs, s"):
         assert all(float(v) > 0 for v in rows[key]), key
-    assert rows["peak alloc MiB"] == ["-"] * 4  # no CUDA memory on the CPU
+    assert rows["peak alloc MiB"] == ["-"] * 6  # no CUDA memory on the CPU
+    assert rows["GPTQ calibration s"][:2] == ["-", "-"] and all(float(v) > 0 for v in rows["GPTQ calibration s"][2:4])
+    stack_logs = {name: (out / "logs" / f"gpu_check_{name}.txt").read_text() for name in ("sp1024", "sp8192")}
+    assert all("hparam QUANT_METHOD=gptq" in log and "\nwarmup:eval ms:" in log for log in stack_logs.values())
+    assert "\nwarmup:train loop_passes:1 ms:" in stack_logs["sp1024"] and "final_int6_ttt_exact" in stack_logs["sp8192"]
     assert "gpu_check: ab_mix0: with TORCHINDUCTOR_MIX_ORDER_REDUCTION=0 this torch has mix_order_reduction:0 (-1: " \
         in proc.stdout  # the switch reaches Inductor
     assert (out / "logs" / "gpu_check_auto_x2.txt").is_file()
@@ -59,19 +67,22 @@ def test_smoke_mode_runs_one_and_all_gpus_the_profile_and_the_ab_runs(tmp_path, 
 
 
 def test_ab_runs_that_do_not_fit_the_budget_are_skipped_and_said(tmp_path, tiny_data):
-    """The budget holds: with no time left after the main run, the profile and the A/B runs are skipped, each
-    saying so, and the table of what ran still comes back."""
+    """The budget holds: with no time left after the main run, the stacks, the profile and the A/B runs are
+    skipped, each saying so (SP8192 also without its tokenizer), and the table of what ran still comes back."""
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     shutil.copy(TOKENIZER, data / "fineweb_1024_bpe.model")
     out = tmp_path / "out"
     env = environment(tmp_path, 1, GPU_CHECK_SMOKE="1", GPU_CHECK_DATA=str(data), OUT=str(out), GPU_CHECK_MIX="0",
-                      GPU_CHECK_BUDGET="200", GPU_CHECK_PROFILE_COST="1000", GPU_CHECK_AB_COST="1000")
+                      GPU_CHECK_BUDGET="200", GPU_CHECK_PROFILE_COST="1000", GPU_CHECK_AB_COST="1000",
+                      GPU_CHECK_STACK_COST="1000")
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "gpu_check: profile skipped: " in proc.stdout and "it needs ~1000 s" in proc.stdout
     assert "gpu_check: ab_math skipped: " in proc.stdout and "mix_order_reduction A/B not run" in proc.stdout
+    assert "gpu_check: sp1024 skipped: " in proc.stdout and "a stack run needs ~1000 s" in proc.stdout
+    assert "gpu_check: sp8192 skipped: " in proc.stdout and "has no *8192*.model" in proc.stdout
     assert (out / "table.txt").read_text().splitlines()[0].split()[2:] == ["auto_x1"]
 
 
