@@ -895,8 +895,8 @@ class Scorer:
         return self.model.loss(self.hidden(x)[:, first:], y[:, first:], "none").view(len(y), -1)
 
 
-def score_windows(scorer, val: Tensor, val_bytes: Tensor, windows: list[tuple[int, int]], window: int, batch_windows: int,
-                  sums: Tensor) -> None:
+def score_windows(scorer, val: Tensor, val_bytes: Tensor, windows: list[tuple[int, int]], window: int,
+                  batch_windows: int, sums: Tensor) -> None:
     """Adds the NLL, count and bytes (val_bytes, per token) of the targets these windows score to `sums` (float64, on
     the device). Every batch holds batch_windows windows (padding windows score nothing), so every batch has the
     same shape."""
@@ -1922,7 +1922,8 @@ def compile_model(model: GPT, rt: SimpleNamespace) -> tuple[nn.Module, object]:
     if rt.compile == "model":
         return torch.compile(model, **COMPILED), torch.compile(model.hidden, **COMPILED)
     if rt.compile == "blocks":
-        model.embed, model.objective = torch.compile(model.embed, **COMPILED), torch.compile(model.objective, **COMPILED)
+        model.embed = torch.compile(model.embed, **COMPILED)
+        model.objective = torch.compile(model.objective, **COMPILED)
         for block in model.blocks:
             block.compile(**COMPILED)
             block.forward_lanes = torch.compile(block.forward_lanes, **COMPILED)
@@ -2012,7 +2013,8 @@ def final_evaluations(model: GPT, val: Tensor, val_bytes: Tensor, hp: SimpleName
         if key == "ttt":
             out = timed(report, rt, key, ttt_evaluate, model, trainer, scorer, val, val_bytes, hp, rt, batch, log)
         else:
-            out = timed(report, rt, key, evaluate, scorer, val, val_bytes, hp.eval_len, s, batch, rt.rank, rt.world_size)
+            out = timed(report, rt, key, evaluate, scorer, val, val_bytes, hp.eval_len, s, batch, rt.rank,
+                        rt.world_size)
         loss, report.bpb[key], tokens, nbytes = out
         extra = f" stride:{s}" if s < hp.eval_len else ""
         extra += f" chunk_tokens:{hp.ttt_chunk_tokens}" if key == "ttt" else ""
@@ -2054,8 +2056,8 @@ def summarise(report: SimpleNamespace, hp: SimpleNamespace, rt: SimpleNamespace,
     return 1 if failed else 0
 
 
-def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, wrapper: bytes, val: Tensor, val_bytes: Tensor,
-        train_files: list[str], artifact_state: dict | None, progress: SimpleNamespace) -> int:
+def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, wrapper: bytes, val: Tensor,
+        val_bytes: Tensor, train_files: list[str], artifact_state: dict | None, progress: SimpleNamespace) -> int:
     """Train (unless EVAL_ONLY), export, evaluate and summarise; returns the exit status."""
     report = SimpleNamespace(bpb={}, ms={}, failed=[], train_ms=0.0, steps=0, stop=None, post_ms=0.0)
     artifact = hp.eval_only or ARTIFACT_PATH

@@ -1,7 +1,8 @@
 """Throughput benchmark: run the real train_gpt.py for a short, capped time (the submitted code, not a copy of its
 loop) and summarise its log: ms/step, tokens/s, MFU, peak memory, compile (warmup, and the evaluations' priming),
-GPTQ calibration and export time, the artifact's bytes, the attention backend and the sliding eval's rate (extrapolated to 8 GPUs with --full-val-targets N), the model's shape read from
-the log's hparam lines. Exit status: 0; 2 bad input (one `error:` line); else train_gpt.py's.
+GPTQ calibration and export time, the artifact's bytes, the attention backend and the sliding eval's rate
+(extrapolated to 8 GPUs with --full-val-targets N), the model's shape read from the log's hparam lines. Exit
+status: 0; 2 bad input (one `error:` line); else train_gpt.py's.
     python bench/bench.py --seconds 120 --nproc 1 -- TRAIN_FILES='d/blogs_*.bin' VAL_FILES='d/fineweb_val_*.bin'
     python bench/bench.py --log logs/<RUN_ID>.txt           # summarise a finished run instead
 """

@@ -225,7 +225,8 @@ def tiny_run(tmp_path_factory, tiny_data) -> Path:
 class FakeTimer:
     """Stands in for train_gpt.StepTimer as a device would behave: every step takes `step_ms` of this rank's time
     (its clock runs `skew` times as fast as real time), and a step's end is read `lag` steps after it was queued, as
-    on CUDA (lag 2). Readings are exact, as CUDA events are. A run with it is deterministic whatever the machine does."""
+    on CUDA (lag 2). Readings are exact, as CUDA events are. A run with it is deterministic whatever the machine
+    does."""
 
     def __init__(self, rt, step_ms: float | list[float] = 100.0, lag: int = 2, skew: float = 1.0):
         self.lag, self.skew, self.t, self.marks = lag, skew, 0.0, 0

@@ -69,8 +69,9 @@ def test_bpb_formula_and_vocab_mismatch(tmp_path):
     base = torch.tensor([0, 1, 2, 3], dtype=torch.int16)
     luts = (base, torch.zeros(4, dtype=torch.bool), torch.tensor([True, False, False, False]))
     val = torch.tensor([0, 1, 2, 3, 3, 2, 1, 1, 2])
-    loss, bpb, tokens, nbytes = tg.evaluate(scorer_of(lambda x: torch.zeros(*x.shape, 4)), val, tg.token_bytes(val, luts), 4, 4, 2,
-                                           0, 1)
+    per_token = tg.token_bytes(val, luts)
+    uniform = scorer_of(lambda x: torch.zeros(*x.shape, 4))
+    loss, bpb, tokens, nbytes = tg.evaluate(uniform, val, per_token, 4, 4, 2, 0, 1)
     assert tokens == 8 and nbytes == int(base[val[1:]].sum())
     assert loss == pytest.approx(math.log(4)) and bpb == pytest.approx(2 * tokens / nbytes)
     if TOKENIZER.is_file():

@@ -156,7 +156,8 @@ def test_ranks_with_skewed_clocks_take_the_slowest_ranks_schedule(tmp_path, tiny
     run_tiny_training(tmp_path, nproc=2, data=tiny_data, script=tmp_path / "driver.py", FAKE_STEP_MS="100",
                       FAKE_SKEW_RANK="1", **env)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    decisions = ("step:", "loop:on", "swa:", "stopping_early", "replicas:", "summary: steps", "summary: budget training")
+    decisions = ("step:", "loop:on", "swa:", "stopping_early", "replicas:", "summary: steps",
+                 "summary: budget training")
     decided = [[re.sub(r"train_loss:\S+", "", line) for line in r["lines"] if line.startswith(decisions)]
                for r in ranks]  # each rank logs its own train loss
     assert decided[0] == decided[1] and {r["status"] for r in ranks} == {0}
