@@ -36,6 +36,12 @@ def trained_like(settings: dict[str, str]) -> tuple[dict, dict]:
     return tensors, meta
 
 
+def frame_cpu_seconds(part: bytes, method: str) -> float:
+    t0 = time.thread_time()
+    tg.compress_frame(part, method)
+    return time.thread_time() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", type=Path, help="re-pack this artifact's stored tensors")
@@ -49,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     buf = io.BytesIO()
     torch.save({"w": tensors, "m": meta}, buf)
     raw = buf.getvalue()
-    print(f"stream {len(raw):,} bytes, {len(tg.frames(raw))} frames, {tg.usable_cpus()} usable CPUs")
+    parts = [raw[a:b] for a, b in tg.frames(raw)]
+    print(f"stream {len(raw):,} bytes, {len(parts)} frames, {tg.usable_cpus()} usable CPUs")
     print("| compressor | workers | seconds | bytes |\n|---|---|---|---|")
+    cpu = {}
     for method in args.compressors:
         sizes = set()
         for workers in args.workers:
@@ -59,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {method} | {workers} | {time.perf_counter() - t0:.2f} | {len(blob):,} |", flush=True)
             sizes.add(blob)
         assert len(sizes) == 1, "the artifact depends on the number of workers"
+        cpu[method] = [frame_cpu_seconds(part, method) for part in parts]
+    print("\nCPU time of the frames, one by one (this thread's, so other load hardly counts): no number of workers "
+          "finishes sooner than the largest frame, nor than the total over the workers")
+    print("| compressor | total CPU s | largest frame CPU s |\n|---|---|---|")
+    for method, seconds in cpu.items():
+        print(f"| {method} | {sum(seconds):.2f} | {max(seconds):.2f} |")
     if args.single_stream:
         t0 = time.perf_counter()
         single = len(tg.brotli_module().compress(raw, quality=11)) + len(tg.BROTLI_TAG)

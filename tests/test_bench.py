@@ -87,8 +87,11 @@ def test_export_time_table_on_a_small_model(capsys):
 
     assert export_time.main(["--workers", "1", "2", "--compressors", "zstd", "brotli", "--", "NUM_LAYERS=2",
                              "MODEL_DIM=128", "NUM_HEADS=4", "NUM_KV_HEADS=2", "XSA_LAST_N=1"]) == 0
-    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| zstd")
-            or line.startswith("| brotli")]
+    out = capsys.readouterr().out.split("\nCPU time of the frames")
+    rows = [line.split("|")[1:-1] for line in out[0].splitlines() if line.startswith(("| zstd", "| brotli"))]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [("zstd", "1"), ("zstd", "2"), ("brotli", "1"),
                                                             ("brotli", "2")]
     assert rows[0][3] == rows[1][3] and rows[2][3] == rows[3][3]
+    cpu = [line.split("|")[1:-1] for line in out[1].splitlines() if line.startswith(("| zstd", "| brotli"))]
+    assert [r[0].strip() for r in cpu] == ["zstd", "brotli"]
+    assert all(float(r[1]) >= float(r[2]) > 0 for r in cpu)  # the total over the frames, the largest one
