@@ -219,6 +219,24 @@ def choose_precision(mode: str, cuda: bool) -> tuple[torch.dtype, str]:
     return torch.float32, "CPU without native bf16"
 
 
+def choose_cpu_threads(env, cuda: bool) -> tuple[int | None, str]:
+    """(threads of torch's CPU ops, why); None keeps torch's default. OMP_NUM_THREADS when set (its first level).
+    Otherwise a CPU run takes one thread per process: on a 2-core VM (docs/BENCHMARKS.md) the small models a CPU
+    can train ran faster on one thread than on two with the cores lightly loaded by other work, and up to 16 times
+    faster once other processes kept both busy (OpenMP's threads wait on each other); and as the thread count
+    changes float rounding, a CPU run then gives the same numbers whatever the machine's core count. A CUDA run
+    keeps torch's default."""
+    raw = env.get("OMP_NUM_THREADS", "").strip()
+    if raw:
+        first = raw.split(",")[0].strip()
+        if not first.isdigit() or int(first) < 1:
+            raise InputError(f"OMP_NUM_THREADS={raw!r}: expected a positive whole number of CPU threads")
+        return int(first), "OMP_NUM_THREADS"
+    if cuda:
+        return None, "torch's default (CUDA run)"
+    return 1, "one per process on CPU (set OMP_NUM_THREADS for more)"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Muon: momentum + Newton-Schulz orthogonalised updates for the matrices
 
@@ -1823,6 +1841,9 @@ def main() -> int:
         print(line, file=sys.stderr, flush=True)
     hp = read_hyperparameters(os.environ)
     rt = runtime(hp)
+    threads, threads_why = choose_cpu_threads(os.environ, rt.cuda)
+    if threads:
+        torch.set_num_threads(threads)
     global ACT_DTYPE, USE_FA3
     ACT_DTYPE = rt.precision
     compressor()
@@ -1870,6 +1891,7 @@ def main() -> int:
     log(f"attention_backend:{'fa3' if USE_FA3 else 'sdpa'} compile:{int(rt.compile)} device:{rt.device.type} "
         f"reason:{why}")
     log(f"precision:{'bf16' if ACT_DTYPE == torch.bfloat16 else 'fp32'} reason:{rt.precision_why}")
+    log(f"cpu_threads:{torch.get_num_threads()} reason:{threads_why}")
     log(f"attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads}")
     log(f"XSA:last_{hp.xsa_last_n} active_layers:{list(range(hp.num_layers - hp.xsa_last_n, hp.num_layers))}")
     log(f"seed:{hp.seed}")

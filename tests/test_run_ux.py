@@ -66,6 +66,8 @@ BAD = [
     ({"TRAIN_FILES": "nothing_*.bin"}, "TRAIN_FILES=nothing_*.bin: no files match"),
     ({"VAL_FILES": "nothing_*.bin"}, "VAL_FILES=nothing_*.bin: no files match"),
     ({"EVAL_ONLY": "missing.ptz"}, "EVAL_ONLY=missing.ptz: no such artifact file"),
+    ({"OMP_NUM_THREADS": "two"}, "OMP_NUM_THREADS='two': expected a positive whole number of CPU threads"),
+    ({"OMP_NUM_THREADS": "0"}, "OMP_NUM_THREADS='0': expected a positive whole number of CPU threads"),
 ]
 
 
