@@ -1179,17 +1179,39 @@ def unpack_artifact(blob: bytes, reference: dict[str, Tensor]) -> dict[str, Tens
     return dequantize_state_dict(payload["w"], payload["m"], reference)
 
 
+ARTIFACT_MAGICS = {"zstd": b"\x28\xb5\x2f\xfd", "lzma": XZ_MAGIC, "brotli": BROTLI_TAG}  # the first bytes of each
+
+
 def read_artifact(path: str, reference: dict[str, Tensor]) -> dict[str, Tensor]:
-    """EVAL_ONLY's artifact, dequantised; an unreadable one is an input error naming the file."""
-    if not os.path.isfile(path):
-        raise InputError(f"EVAL_ONLY={path}: no such artifact file")
+    """EVAL_ONLY's artifact, dequantised. Anything else is an input error that says what the path holds and what
+    was expected."""
+    expected = f"expected an artifact a training run wrote ({ARTIFACT_PATH}: zstd, lzma or brotli)"
+    where = Path(path)
+    if where.is_dir():
+        inside = where / ARTIFACT_PATH
+        raise InputError(f"EVAL_ONLY={path}: a folder; {expected}"
+                         + (f", such as EVAL_ONLY={inside}" if inside.is_file() else ""))
+    if not where.exists():
+        raise InputError(f"EVAL_ONLY={path}: no such file; {expected}")
     try:
-        return unpack_artifact(Path(path).read_bytes(), reference)
-    except InputError:
-        raise
+        blob = where.read_bytes()
+    except OSError as e:
+        raise InputError(f"EVAL_ONLY={path}: unreadable ({e.strerror}); {expected}") from None
+    if not blob:
+        raise InputError(f"EVAL_ONLY={path}: an empty file (0 bytes); {expected}")
+    try:
+        return unpack_artifact(blob, reference)
+    except InputError as e:
+        raise InputError(f"EVAL_ONLY={path}: {e}") from None
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0]
-        raise InputError(f"EVAL_ONLY={path}: not a valid artifact ({type(e).__name__}: {reason})") from None
+        kind = next((k for k, magic in ARTIFACT_MAGICS.items() if blob.startswith(magic)), None)
+        if kind is None:
+            raise InputError(f"EVAL_ONLY={path}: {len(blob)} bytes starting {blob[:8].hex(' ')}, not a zstd, lzma or "
+                             f"brotli stream; {expected}") from None
+        raise InputError(f"EVAL_ONLY={path}: a {kind} stream of {len(blob)} bytes that does not unpack "
+                         f"({type(e).__name__}: {reason}); expected a complete artifact (truncated or damaged?)"
+                         ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

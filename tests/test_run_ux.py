@@ -65,7 +65,8 @@ BAD = [
     ({"VOCAB_SIZE": "2048"}, "has vocab 1024 but VOCAB_SIZE=2048"),
     ({"TRAIN_FILES": "nothing_*.bin"}, "TRAIN_FILES=nothing_*.bin: no files match"),
     ({"VAL_FILES": "nothing_*.bin"}, "VAL_FILES=nothing_*.bin: no files match"),
-    ({"EVAL_ONLY": "missing.ptz"}, "EVAL_ONLY=missing.ptz: no such artifact file"),
+    ({"EVAL_ONLY": "missing.ptz"}, "EVAL_ONLY=missing.ptz: no such file; expected an artifact a training run wrote "
+                                   "(final_model.int6.ptz: zstd, lzma or brotli)"),
     ({"OMP_NUM_THREADS": "two"}, "OMP_NUM_THREADS='two': expected a positive whole number of CPU threads"),
     ({"OMP_NUM_THREADS": "0"}, "OMP_NUM_THREADS='0': expected a positive whole number of CPU threads"),
 ]
@@ -92,21 +93,55 @@ def test_the_error_line_and_exit_status_of_a_process(tmp_path, tiny_data):
         "warning: EMA_DECY is not a hyperparameter; did you mean EMA_DECAY?"]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "not_a_checkpoint"])
-def test_a_corrupt_artifact_is_refused_before_anything_is_written(tmp_path, tiny_run, tiny_data, damage):
+EXPECTED = "expected an artifact a training run wrote (final_model.int6.ptz: zstd, lzma or brotli)"
+# (what EVAL_ONLY names, the one error line: what it found and what was expected)
+DAMAGED = {
+    "empty": rf"EVAL_ONLY=art\.ptz: an empty file \(0 bytes\); {re.escape(EXPECTED)}",
+    "folder": rf"EVAL_ONLY=art\.ptz: a folder; {re.escape(EXPECTED)}",
+    "folder_of_a_run": rf"EVAL_ONLY=art\.ptz: a folder; {re.escape(EXPECTED)}, such as EVAL_ONLY=art\.ptz/final_model"
+                       r"\.int6\.ptz",
+    "truncated": r"EVAL_ONLY=art\.ptz: a zstd stream of \d+ bytes that does not unpack \(\w+: .*\); expected a "
+                 r"complete artifact \(truncated or damaged\?\)",
+    "garbage": rf"EVAL_ONLY=art\.ptz: 4000 bytes starting 00 01 02 03 04 05 06 07, not a zstd, lzma or brotli stream; "
+               rf"{re.escape(EXPECTED)}",
+    "not_a_checkpoint": r"EVAL_ONLY=art\.ptz: a zstd stream of 14 bytes that does not unpack \(\w+: .*\); expected a "
+                        r"complete artifact \(truncated or damaged\?\)",
+    "another_model": r"EVAL_ONLY=art\.ptz: artifact does not match the model configuration \(blocks\.0\.mlp\.fc\.weight is "
+                     r"\(128, 64\), the model expects \(192, 64\)\); set the same model env vars as the training run",
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED)
+def test_a_bad_artifact_is_refused_saying_what_it_is_before_anything_is_written(tmp_path, tiny_run, tiny_data,
+                                                                                damage):
     good = (tiny_run / "final_model.int6.ptz").read_bytes()
-    bad = {"truncated": good[: len(good) // 2], "garbage": os.urandom(4000),
-           "not_a_checkpoint": __import__("zstandard").ZstdCompressor().compress(b"hello")}[damage]
-    (tmp_path / "art.ptz").write_bytes(bad)
-    with pytest.raises(tg.InputError, match=r"^EVAL_ONLY=art.ptz: not a valid artifact \("):
-        run_in_process(tmp_path, tiny_data, EVAL_ONLY="art.ptz")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["art.ptz"]
+    art = tmp_path / "art.ptz"
+    if damage.startswith("folder"):
+        art.mkdir()
+        if damage == "folder_of_a_run":
+            (art / "final_model.int6.ptz").write_bytes(good)
+    else:
+        art.write_bytes({"empty": b"", "truncated": good[: len(good) // 2], "another_model": good,
+                         "garbage": bytes(range(256)) * 15 + bytes(160),
+                         "not_a_checkpoint": __import__("zstandard").ZstdCompressor().compress(b"hello")}[damage])
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(tg.InputError) as error:
+        run_in_process(tmp_path, tiny_data, EVAL_ONLY="art.ptz", **({"MLP_MULT": "3"} if damage == "another_model"
+                                                                     else {}))
+    assert re.fullmatch(DAMAGED[damage], str(error.value)), str(error.value)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
 
 
-def test_ctrl_c_under_torchrun_is_one_line_exit_130_and_no_artifact(tmp_path, tiny_data):
+EARLIER = b"an earlier run's artifact"
+OTHER_TMP = "final_model.int6.ptz.99999-0123abcd.tmp"  # what a concurrent run in the same folder is writing
+
+
+def test_ctrl_c_under_torchrun_is_one_line_exit_130_and_keeps_the_earlier_artifact(tmp_path, tiny_data):
     """A Ctrl-C in the terminal sends SIGINT to the whole process group; torchrun then adds its own report (and
-    exits 1): our line comes first, once, in the log too; the earlier run's artifact is gone, nothing half-written."""
-    (tmp_path / "final_model.int6.ptz").write_bytes(b"an earlier run's artifact")
+    exits 1): our line comes first, once, in the log too; the earlier run's artifact is untouched, byte for byte, and
+    so is a concurrent run's temporary file; nothing half-written."""
+    (tmp_path / "final_model.int6.ptz").write_bytes(EARLIER)
+    (tmp_path / OTHER_TMP).write_bytes(b"half")
     proc = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(REPO / "train_gpt.py")],
                             cwd=tmp_path, env=script_env(tiny_data, ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="600"),
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
