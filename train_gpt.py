@@ -1572,10 +1572,29 @@ def quantize(model: GPT, hp: SimpleNamespace, rt: SimpleNamespace, train_files: 
         return quantize_state_dict(state, hp, hessians, rt.rank, rt.world_size)
 
 
-def write_artifact(quantized, path: str, hp: SimpleNamespace, rt: SimpleNamespace, log: Logger) -> None:
-    """Rank 0 logs what the quantiser did and writes the artifact (to .tmp, then renamed: a file at `path` is
-    always complete); the others wait for it."""
+def verified(tmp: Path, blob: bytes, tensors: dict[str, Tensor], meta: dict[str, str],
+             reference: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The state the file `tmp` holds, checked to be what was packed: the same bytes read back, unpacking to the
+    same dequantised tensors."""
+    if tmp.read_bytes() != blob:
+        raise RuntimeError(f"{tmp}: the bytes read back differ from the {len(blob)} written")
+    state = unpack_artifact(blob, reference)
+    packed = dequantize_state_dict({k: v.cpu() for k, v in tensors.items()}, meta, reference)
+    differ = [k for k in packed if not torch.equal(state[k], packed[k])]
+    if differ:
+        raise RuntimeError(f"{tmp}: unpacks to other values than were packed ({', '.join(differ[:3])})")
+    return state
+
+
+def write_artifact(quantized, path: str, reference: dict[str, Tensor], hp: SimpleNamespace, rt: SimpleNamespace,
+                   log: Logger, progress: SimpleNamespace) -> dict[str, Tensor] | None:
+    """Rank 0 logs what the quantiser did and writes the artifact under a name of its own beside `path` (no two
+    runs in one folder share it), reads it back and checks it, and only then renames it over `path`: an earlier
+    run's artifact is replaced, atomically, by a complete and verified one, never lost to a run that did not
+    finish. A failed or interrupted write removes its own temporary file and nothing else. Returns rank 0's checked
+    state (for the evaluations; `reference` gives the dtypes and shapes); the other ranks wait for the file."""
     tensors, meta, stats, fallbacks = quantized
+    state = None
     if rt.rank == 0:
         for name in fallbacks:
             log(f"gptq:fallback {name} reason:Hessian zero or not positive definite, rounded to nearest")
@@ -1585,11 +1604,22 @@ def write_artifact(quantized, path: str, hp: SimpleNamespace, rt: SimpleNamespac
             bits = hp.embed_bits if route == "int8" else 6
             log(f"quant:{route} method:{method} bits:{bits} rows:{st.rows} scale_floor_rows:{st.floor_rows} "
                 f"clipped:{st.clipped / st.values:.6f} weight_mse:{st.sq_err / st.values:.4e}")
-        tmp = Path(path + ".tmp")
-        tmp.write_bytes(pack_artifact(tensors, meta, hp.compressor, hp.byte_shuffle))
-        tmp.replace(path)
+        blob = pack_artifact(tensors, meta, hp.compressor, hp.byte_shuffle)
+        progress.partial = tmp = Path(f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave a renamed, empty file
+            state = verified(tmp, blob, tensors, meta, reference)
+            tmp.replace(path)
+            progress.artifact = path
+        finally:
+            tmp.unlink(missing_ok=True)
+            progress.partial = None
     if rt.distributed:
         dist.barrier()
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1773,9 +1803,9 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, wrap
         log(f"eval_only:{artifact}")
         post_start = time.perf_counter()
     else:
-        if rt.rank == 0 and os.path.exists(artifact):
-            os.remove(artifact)
-            log(f"artifact:removed the {artifact} of an earlier run")
+        progress.earlier = os.path.exists(artifact)
+        if progress.earlier:
+            log(f"artifact:keeping the {artifact} of an earlier run until this run's is written and verified")
         model, trained = train(hp, rt, log, val, luts, train_files, progress)
         report.train_ms, report.steps, report.stop = trained.train_ms, trained.steps, trained.stop
         report.bpb["pre_quant"] = trained.val_bpb
@@ -1793,8 +1823,8 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, wrap
                                                        rt.world_size)
             log(f"averaged val_loss:{loss:.4f} val_bpb:{report.bpb['averaged']:.4f} "
                 f"eval_time:{report.ms['averaged']:.0f}ms (the weights to export, before quantisation)")
-        timed(report, rt, "export", lambda: write_artifact(quantized or quantize(model, hp, rt, train_files),
-                                                          artifact, hp, rt, log))
+        artifact_state = timed(report, rt, "export", lambda: write_artifact(
+            quantized or quantize(model, hp, rt, train_files), artifact, model.state_dict(), hp, rt, log, progress))
         progress.artifact = artifact
         log(f"export_time:{report.ms['export']:.0f}ms")
 
@@ -1822,7 +1852,8 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, wrap
 def interrupted_message(progress: SimpleNamespace) -> str:
     if progress.artifact:
         return f"interrupted during evaluation: the artifact {progress.artifact} is complete"
-    return f"interrupted at step {progress.step} (train_time {progress.train_ms:.0f} ms): no artifact written"
+    kept = f"; the earlier {ARTIFACT_PATH} is kept" if progress.earlier else ""
+    return f"interrupted at step {progress.step} (train_time {progress.train_ms:.0f} ms): no artifact written{kept}"
 
 
 def interrupt(signum, frame):
@@ -1842,6 +1873,8 @@ def exit_promptly_on_signals(rt: SimpleNamespace, log: Logger, progress: SimpleN
         if not os.read(read_fd, 1):  # the run ended without a signal
             return os.close(read_fd)
         time.sleep(INTERRUPT_GRACE_S)
+        if progress.partial:
+            progress.partial.unlink(missing_ok=True)
         if not progress.reported:
             message = interrupted_message(progress) + f" (rank {rt.rank} was blocked in a collective)"
             if rt.rank == 0:
@@ -1923,7 +1956,7 @@ def main() -> int:
 
     val = val_tokens.to(rt.device, torch.int32)  # on the device once per run; int32 halves its memory
     luts = [t.to(rt.device) for t in luts]
-    progress = SimpleNamespace(step=0, train_ms=0.0, artifact=None, reported=False)
+    progress = SimpleNamespace(step=0, train_ms=0.0, artifact=None, earlier=False, partial=None, reported=False)
     signal.signal(signal.SIGTERM, interrupt)  # how torchrun stops its workers after a Ctrl-C
     try:
         with exit_promptly_on_signals(rt, log, progress):
@@ -1931,7 +1964,6 @@ def main() -> int:
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        Path(ARTIFACT_PATH + ".tmp").unlink(missing_ok=True)
         if rt.rank == 0:
             message = interrupted_message(progress)
             log(message)

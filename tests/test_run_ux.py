@@ -153,9 +153,53 @@ def test_ctrl_c_under_torchrun_is_one_line_exit_130_and_keeps_the_earlier_artifa
     _, err = proc.communicate(timeout=120)
     ours = [line for line in err.splitlines() if line.startswith("interrupted")]
     assert len(ours) == 1
-    assert re.fullmatch(r"interrupted at step \d+ \(train_time \d+ ms\): no artifact written", ours[0])
+    assert re.fullmatch(r"interrupted at step \d+ \(train_time \d+ ms\): no artifact written; the earlier "
+                        r"final_model\.int6\.ptz is kept", ours[0])
     lines = log_lines(tmp_path)
-    assert lines[-1] == ours[0] and "artifact:removed the final_model.int6.ptz of an earlier run" in lines
-    assert not (tmp_path / "final_model.int6.ptz").exists() and not list(tmp_path.glob("*.tmp"))
+    assert lines[-1] == ours[0]
+    assert ("artifact:keeping the final_model.int6.ptz of an earlier run until this run's is written and verified"
+            in lines)
+    assert (tmp_path / "final_model.int6.ptz").read_bytes() == EARLIER
+    assert [p.name for p in tmp_path.glob("*.tmp")] == [OTHER_TMP] and (tmp_path / OTHER_TMP).read_bytes() == b"half"
     train = [line for line in lines if re.match(r"step:\d+/\d+ train_loss", line)]  # under a cap: the time left
     assert train and all(re.search(r" lr_mul:1\.0000 time_left:\d+\.\ds$", line) for line in train)
+
+
+def test_an_export_interrupted_or_failing_its_check_keeps_the_earlier_artifact(tmp_path, tiny_data, monkeypatch):
+    """The new artifact is written under a name of its own and checked before it replaces the earlier one: a Ctrl-C
+    while it is checked, or a check that fails, leaves the earlier artifact as it was and removes only this run's
+    temporary file; a run that finishes replaces the artifact with its own."""
+    (tmp_path / "final_model.int6.ptz").write_bytes(EARLIER)
+    (tmp_path / OTHER_TMP).write_bytes(b"half")
+    unpack, seen = tg.unpack_artifact, []
+
+    def interrupted_check(blob, reference):
+        (own,) = [p for p in tmp_path.glob("final_model.int6.ptz.*.tmp") if p.name != OTHER_TMP]
+        seen.append((own.name, own.read_bytes() == blob))
+        raise KeyboardInterrupt
+
+    def corrupted(blob, reference):
+        state = unpack(blob, reference)
+        return dict(state, **{"tok_emb.weight": state["tok_emb.weight"] + 1})
+
+    short = dict(ITERATIONS="2", TRAIN_BATCH_TOKENS="512", WARMUP_STEPS="0", VAL_LOSS_EVERY="0", EVAL_STRIDE="0",
+                 VAL_MAX_TOKENS="1024", WARMDOWN_ITERS="1")
+    for patch, outcome in ((interrupted_check, 130), (corrupted, RuntimeError)):
+        monkeypatch.setattr(tg, "unpack_artifact", patch)
+        if outcome == 130:
+            assert run_in_process(tmp_path, tiny_data, **short) == 130
+            assert re.fullmatch(r"interrupted at step 2 \(train_time \d+ ms\): no artifact written; the earlier "
+                                r"final_model\.int6\.ptz is kept", log_lines(tmp_path)[-1])
+        else:
+            with pytest.raises(RuntimeError, match=r"final_model\.int6\.ptz\.\d+-[0-9a-f]{8}\.tmp: unpacks to other "
+                                                   r"values than were packed \(tok_emb\.weight\)"):
+                run_in_process(tmp_path, tiny_data, **short)
+        assert (tmp_path / "final_model.int6.ptz").read_bytes() == EARLIER
+        assert [p.name for p in tmp_path.glob("*.tmp")] == [OTHER_TMP]
+    assert len(seen) == 1 and re.fullmatch(r"final_model\.int6\.ptz\.\d+-[0-9a-f]{8}\.tmp", seen[0][0]) and seen[0][1]
+    monkeypatch.setattr(tg, "unpack_artifact", unpack)
+    assert run_in_process(tmp_path, tiny_data, **short) == 0
+    (line,) = [line for line in log_lines(tmp_path) if line.startswith("artifact:final_model.int6.ptz bytes:")]
+    new = (tmp_path / "final_model.int6.ptz").read_bytes()
+    assert new != EARLIER and line.endswith(f"sha256:{__import__('hashlib').sha256(new).hexdigest()}")
+    assert [p.name for p in tmp_path.glob("*.tmp")] == [OTHER_TMP]
