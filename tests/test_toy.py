@@ -79,3 +79,46 @@ def test_make_toy_is_deterministic_and_never_mixes_with_other_shards(toy, tmp_pa
     assert proc.stderr == (f"error: --out {mixed} holds other shards (fineweb_train_000007.bin) that the globs would "
                            "also read; expected a folder of its own for the toy data\n")
     assert [p.name for p in mixed.iterdir()] == ["fineweb_train_000007.bin"]
+
+
+def readme_blocks(heading: str) -> list[tuple[str, str]]:
+    """(language, text) of every fenced block in the README section under `heading`."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(\w+)\n(.*?)```", section, flags=re.S)
+
+
+def as_pattern(line: str) -> str:
+    """A log line of the README as a regex: its numbers and hashes stand for any."""
+    out = re.sub(r"[0-9a-f]{64}", "@HEX@", line)
+    out = re.sub(r"\d+(\.\d+)?(e[+-]\d+)?", "@NUM@", out)
+    return re.escape(out).replace("@HEX@", "[0-9a-f]{64}").replace("@NUM@", r"\d+(\.\d+)?(e[+-]\d+)?")
+
+
+# What a fresh clone has that the first run needs (a stricter copy than a clone: nothing else may be needed).
+CLONE_FILES = ("train_gpt.py", "requirements.txt", *make_toy.CORPUS, "data/make_toy.py", "data/make_shards.py")
+
+
+def test_the_readme_cpu_example_runs_as_written_on_a_fresh_copy(tmp_path):
+    """The README's first-run block, copy-pasted into bash in a copy of the repository with no ../shared beside it,
+    no OMP_NUM_THREADS and no data: it makes the toy data and runs to the end on one thread; every line of the
+    README's excerpt of its output has a line of the real log of that shape (numbers aside)."""
+    (lang, block), (out_lang, excerpt) = readme_blocks("## A first run on a CPU")[:2]
+    assert lang == "bash" and out_lang == "text" and "python data/make_toy.py" in block
+    clone = tmp_path / "clone"
+    for name in CLONE_FILES:
+        (clone / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, clone / name)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "PG_SHARED_DATA") and not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(["bash", "-c", block], cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    log = (clone / "logs" / "toy.txt").read_text(encoding="utf-8").splitlines()
+    assert "cpu_threads:1 reason:one per process on CPU (set OMP_NUM_THREADS for more)" in log
+    assert lines_starting(log, "final_int6_sliding_window_exact ") and (clone / "final_model.int6.ptz").is_file()
+    assert not (clone / "data" / "datasets").exists() and not (clone / "data" / "tokenizers").exists()
+    shown = excerpt.splitlines()
+    assert shown[0] == "logs/toy.txt" and proc.stdout.splitlines()[4] == "logs/toy.txt"  # after make_toy's 4 lines
+    missing = [line for line in shown[1:] if not any(re.fullmatch(as_pattern(line), got) for got in log)]
+    assert not missing, f"README lines the toy run does not print: {missing}"
