@@ -48,11 +48,6 @@ SHORT = dict(ITERATIONS="4", TRAIN_BATCH_TOKENS="512", WARMUP_STEPS="0", VAL_LOS
              VAL_MAX_TOKENS="1024", WARMDOWN_ITERS="2")
 
 
-def pytest_report_header(config):
-    seed = os.environ.get("PG_TEST_SHUFFLE")
-    return f"PG_TEST_SHUFFLE={seed}: modules and the tests inside each in a shuffled order" if seed else None
-
-
 def pytest_collection_modifyitems(config, items):
     """PG_TEST_SHUFFLE=<seed> runs the test files in a shuffled order and each file's tests shuffled (a given seed
     gives the same order again), so that no test silently depends on what ran before it."""
@@ -67,6 +62,9 @@ def pytest_collection_modifyitems(config, items):
     for group in groups:
         rng.shuffle(group)
     items[:] = [item for group in groups for item in group]
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter:  # said even under -q, so that a failing order can be run again
+        reporter.write_line(f"PG_TEST_SHUFFLE={seed}: the test files, and the tests inside each, in a shuffled order")
 
 
 def tiny_model(seed: int = 0, perturb: float = 0.05, **env):
