@@ -227,6 +227,24 @@ def choose_precision(mode: str, cuda: bool) -> tuple[torch.dtype, str]:
     return torch.float32, "CPU without native bf16"
 
 
+def choose_cpu_threads(env, cuda: bool) -> tuple[int | None, str]:
+    """(threads of torch's CPU ops, why); None keeps torch's default. OMP_NUM_THREADS when set (its first level).
+    Otherwise a CPU run takes one thread per process: on a 2-core VM (docs/BENCHMARKS.md) the small models a CPU
+    can train ran faster on one thread than on two with the cores lightly loaded by other work, and up to 16 times
+    faster once other processes kept both busy (OpenMP's threads wait on each other); and as the thread count
+    changes float rounding, a CPU run then gives the same numbers whatever the machine's core count. A CUDA run
+    keeps torch's default."""
+    raw = env.get("OMP_NUM_THREADS", "").strip()
+    if raw:
+        first = raw.split(",")[0].strip()
+        if not first.isdigit() or int(first) < 1:
+            raise InputError(f"OMP_NUM_THREADS={raw!r}: expected a positive whole number of CPU threads")
+        return int(first), "OMP_NUM_THREADS"
+    if cuda:
+        return None, "torch's default (CUDA run)"
+    return 1, "one per process on CPU (set OMP_NUM_THREADS for more)"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Muon: momentum + Newton-Schulz orthogonalised updates for the matrices
 
@@ -1313,17 +1331,39 @@ def unpack_artifact(blob: bytes, reference: dict[str, Tensor]) -> dict[str, Tens
     return dequantize_state_dict(*artifact_payload(blob), reference)
 
 
+ARTIFACT_MAGICS = {"zstd": b"\x28\xb5\x2f\xfd", "lzma": XZ_MAGIC, "brotli": BROTLI_TAG}  # the first bytes of each
+
+
 def read_artifact(path: str, reference: dict[str, Tensor]) -> dict[str, Tensor]:
-    """EVAL_ONLY's artifact, dequantised; an unreadable one is an input error naming the file."""
-    if not os.path.isfile(path):
-        raise InputError(f"EVAL_ONLY={path}: no such artifact file")
+    """EVAL_ONLY's artifact, dequantised. Anything else is an input error that says what the path holds and what
+    was expected."""
+    expected = f"expected an artifact a training run wrote ({ARTIFACT_PATH}: zstd, lzma or brotli)"
+    where = Path(path)
+    if where.is_dir():
+        inside = where / ARTIFACT_PATH
+        raise InputError(f"EVAL_ONLY={path}: a folder; {expected}"
+                         + (f", such as EVAL_ONLY={inside}" if inside.is_file() else ""))
+    if not where.exists():
+        raise InputError(f"EVAL_ONLY={path}: no such file; {expected}")
     try:
-        return unpack_artifact(Path(path).read_bytes(), reference)
-    except InputError:
-        raise
+        blob = where.read_bytes()
+    except OSError as e:
+        raise InputError(f"EVAL_ONLY={path}: unreadable ({e.strerror}); {expected}") from None
+    if not blob:
+        raise InputError(f"EVAL_ONLY={path}: an empty file (0 bytes); {expected}")
+    try:
+        return unpack_artifact(blob, reference)
+    except InputError as e:
+        raise InputError(f"EVAL_ONLY={path}: {e}") from None
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0]
-        raise InputError(f"EVAL_ONLY={path}: not a valid artifact ({type(e).__name__}: {reason})") from None
+        kind = next((k for k, magic in ARTIFACT_MAGICS.items() if blob.startswith(magic)), None)
+        if kind is None:
+            raise InputError(f"EVAL_ONLY={path}: {len(blob)} bytes starting {blob[:8].hex(' ')}, not a zstd, lzma or "
+                             f"brotli stream; {expected}") from None
+        raise InputError(f"EVAL_ONLY={path}: a {kind} stream of {len(blob)} bytes that does not unpack "
+                         f"({type(e).__name__}: {reason}); expected a complete artifact (truncated or damaged?)"
+                         ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1721,10 +1761,29 @@ def quantize(model: GPT, hp: SimpleNamespace, rt: SimpleNamespace, train_files: 
         return quantize_state_dict(state, hp, hessians, rt.rank, rt.world_size)
 
 
-def write_artifact(quantized, path: str, hp: SimpleNamespace, rt: SimpleNamespace, log: Logger) -> None:
-    """Rank 0 logs what the quantiser did and writes the artifact (to .tmp, then renamed: a file at `path` is
-    always complete); the others wait for it."""
+def verified(tmp: Path, blob: bytes, tensors: dict[str, Tensor], meta: dict[str, str],
+             reference: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The state the file `tmp` holds, checked to be what was packed: the same bytes read back, unpacking to the
+    same dequantised tensors."""
+    if tmp.read_bytes() != blob:
+        raise RuntimeError(f"{tmp}: the bytes read back differ from the {len(blob)} written")
+    state = unpack_artifact(blob, reference)
+    packed = dequantize_state_dict({k: v.cpu() for k, v in tensors.items()}, meta, reference)
+    differ = [k for k in packed if not torch.equal(state[k], packed[k])]
+    if differ:
+        raise RuntimeError(f"{tmp}: unpacks to other values than were packed ({', '.join(differ[:3])})")
+    return state
+
+
+def write_artifact(quantized, path: str, reference: dict[str, Tensor], hp: SimpleNamespace, rt: SimpleNamespace,
+                   log: Logger, progress: SimpleNamespace) -> dict[str, Tensor] | None:
+    """Rank 0 logs what the quantiser did and writes the artifact under a name of its own beside `path` (no two
+    runs in one folder share it), reads it back and checks it, and only then renames it over `path`: an earlier
+    run's artifact is replaced, atomically, by a complete and verified one, never lost to a run that did not
+    finish. A failed or interrupted write removes its own temporary file and nothing else. Returns rank 0's checked
+    state (for the evaluations; `reference` gives the dtypes and shapes); the other ranks wait for the file."""
     tensors, meta, stats, fallbacks = quantized
+    state = None
     if rt.rank == 0:
         for name in fallbacks:
             log(f"gptq:fallback {name} reason:Hessian zero or not positive definite, rounded to nearest")
@@ -1734,11 +1793,22 @@ def write_artifact(quantized, path: str, hp: SimpleNamespace, rt: SimpleNamespac
             bits = hp.embed_bits if route == "int8" else 6
             log(f"quant:{route} method:{method} bits:{bits} rows:{st.rows} scale_floor_rows:{st.floor_rows} "
                 f"clipped:{st.clipped / st.values:.6f} weight_mse:{st.sq_err / st.values:.4e}")
-        tmp = Path(path + ".tmp")
-        tmp.write_bytes(pack_artifact(tensors, meta, hp.compressor))
-        tmp.replace(path)
+        blob = pack_artifact(tensors, meta, hp.compressor)
+        progress.partial = tmp = Path(f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave a renamed, empty file
+            state = verified(tmp, blob, tensors, meta, reference)
+            tmp.replace(path)
+            progress.artifact = path
+        finally:
+            tmp.unlink(missing_ok=True)
+            progress.partial = None
     if rt.distributed:
         dist.barrier()
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2065,9 +2135,9 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, wrap
         log(f"eval_only:{artifact}")
         post_start = time.perf_counter()
     else:
-        if rt.rank == 0 and os.path.exists(artifact):
-            os.remove(artifact)
-            log(f"artifact:removed the {artifact} of an earlier run")
+        progress.earlier = os.path.exists(artifact)
+        if progress.earlier:
+            log(f"artifact:keeping the {artifact} of an earlier run until this run's is written and verified")
         model, trained = train(hp, rt, log, val, val_bytes, train_files, progress)
         report.train_ms, report.steps, report.stop = trained.train_ms, trained.steps, trained.stop
         report.bpb["pre_quant"] = trained.val_bpb
@@ -2085,8 +2155,8 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, wrap
                                                        rt.world_size)
             log(f"averaged val_loss:{loss:.4f} val_bpb:{report.bpb['averaged']:.4f} "
                 f"eval_time:{report.ms['averaged']:.0f}ms (the weights to export, before quantisation)")
-        timed(report, rt, "export", lambda: write_artifact(quantized or quantize(model, hp, rt, train_files),
-                                                          artifact, hp, rt, log))
+        artifact_state = timed(report, rt, "export", lambda: write_artifact(
+            quantized or quantize(model, hp, rt, train_files), artifact, model.state_dict(), hp, rt, log, progress))
         progress.artifact = artifact
         log(f"export_time:{report.ms['export']:.0f}ms")
 
@@ -2114,7 +2184,8 @@ def run(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, code: bytes, wrap
 def interrupted_message(progress: SimpleNamespace) -> str:
     if progress.artifact:
         return f"interrupted during evaluation: the artifact {progress.artifact} is complete"
-    return f"interrupted at step {progress.step} (train_time {progress.train_ms:.0f} ms): no artifact written"
+    kept = f"; the earlier {ARTIFACT_PATH} is kept" if progress.earlier else ""
+    return f"interrupted at step {progress.step} (train_time {progress.train_ms:.0f} ms): no artifact written{kept}"
 
 
 def interrupt(signum, frame):
@@ -2134,6 +2205,8 @@ def exit_promptly_on_signals(rt: SimpleNamespace, log: Logger, progress: SimpleN
         if not os.read(read_fd, 1):  # the run ended without a signal
             return os.close(read_fd)
         time.sleep(INTERRUPT_GRACE_S)
+        if progress.partial:
+            progress.partial.unlink(missing_ok=True)
         if not progress.reported:
             message = interrupted_message(progress) + f" (rank {rt.rank} was blocked in a collective)"
             if rt.rank == 0:
@@ -2155,6 +2228,9 @@ def main() -> int:
         print(line, file=sys.stderr, flush=True)
     hp = read_hyperparameters(os.environ)
     rt = runtime(hp)
+    threads, threads_why = choose_cpu_threads(os.environ, rt.cuda)
+    if threads:
+        torch.set_num_threads(threads)
     global ACT_DTYPE, ATTENTION
     ACT_DTYPE = rt.precision
     compressor()
@@ -2201,6 +2277,7 @@ def main() -> int:
     log(f"attention_backend:{ATTENTION} compile:{rt.compile or 0} device:{rt.device.type} reason:{why}")
     log(f"attention_probe:{ATTENTION} {probe}")
     log(f"precision:{'bf16' if ACT_DTYPE == torch.bfloat16 else 'fp32'} reason:{rt.precision_why}")
+    log(f"cpu_threads:{torch.get_num_threads()} reason:{threads_why}")
     log(f"attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads}")
     log(f"XSA:last_{hp.xsa_last_n} active_layers:{list(range(hp.num_layers - hp.xsa_last_n, hp.num_layers))}")
     log(f"seed:{hp.seed}")
@@ -2210,7 +2287,7 @@ def main() -> int:
 
     val = val_tokens.to(rt.device, torch.int32)  # on the device once per run; int32 halves its memory
     val_bytes = token_bytes(val_tokens, luts).to(rt.device)
-    progress = SimpleNamespace(step=0, train_ms=0.0, artifact=None, reported=False)
+    progress = SimpleNamespace(step=0, train_ms=0.0, artifact=None, earlier=False, partial=None, reported=False)
     signal.signal(signal.SIGTERM, interrupt)  # how torchrun stops its workers after a Ctrl-C
     try:
         with exit_promptly_on_signals(rt, log, progress):
@@ -2218,7 +2295,6 @@ def main() -> int:
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        Path(ARTIFACT_PATH + ".tmp").unlink(missing_ok=True)
         if rt.rank == 0:
             message = interrupted_message(progress)
             log(message)

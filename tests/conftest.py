@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,25 @@ TINY_ENV = dict(PRECISION="fp32",
 # final eval.
 SHORT = dict(ITERATIONS="4", TRAIN_BATCH_TOKENS="512", WARMUP_STEPS="0", VAL_LOSS_EVERY="0", EVAL_STRIDE="0",
              VAL_MAX_TOKENS="1024", WARMDOWN_ITERS="2")
+
+
+def pytest_collection_modifyitems(config, items):
+    """PG_TEST_SHUFFLE=<seed> runs the test files in a shuffled order and each file's tests shuffled (a given seed
+    gives the same order again), so that no test silently depends on what ran before it."""
+    seed = os.environ.get("PG_TEST_SHUFFLE")
+    if not seed:
+        return
+    rng, files = random.Random(seed), {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    groups = list(files.values())
+    rng.shuffle(groups)
+    for group in groups:
+        rng.shuffle(group)
+    items[:] = [item for group in groups for item in group]
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter:  # said even under -q, so that a failing order can be run again
+        reporter.write_line(f"PG_TEST_SHUFFLE={seed}: the test files, and the tests inside each, in a shuffled order")
 
 
 def tiny_model(seed: int = 0, perturb: float = 0.05, **env):

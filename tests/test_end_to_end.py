@@ -30,6 +30,7 @@ def test_tiny_run_learns_and_reports_everything(tiny_run):
     assert lines_starting(lines, "val_subset:VAL_MAX_TOKENS=4096")
     assert "replicas:identical ranks:1" in lines
     assert lines_starting(lines, "precision:") == ["precision:fp32 reason:PRECISION=fp32"]
+    assert lines_starting(lines, "cpu_threads:") == ["cpu_threads:1 reason:OMP_NUM_THREADS"]
     blob = (tiny_run / "final_model.int6.ptz").read_bytes()
     model_bytes = int(lines_starting(lines, "Serialized model int6+zstd:")[0].split()[3])
     code_bytes = int(lines_starting(lines, "Code size:")[0].split()[2])
@@ -151,6 +152,14 @@ def test_precision_fp32_runs_without_autocast(tmp_path, tiny_data):
     assert tg.choose_precision("auto", cuda=True) == (tg.torch.bfloat16, "CUDA")
     native = tg.torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert tg.choose_precision("auto", cuda=False)[0] == (tg.torch.bfloat16 if native else tg.torch.float32)
+
+
+def test_cpu_threads_are_omp_num_threads_or_one_per_process_on_cpu():
+    """The policy (docs/BENCHMARKS.md has the measurements behind it); a bad OMP_NUM_THREADS is in test_run_ux."""
+    assert tg.choose_cpu_threads({}, cuda=False) == (1, "one per process on CPU (set OMP_NUM_THREADS for more)")
+    assert tg.choose_cpu_threads({"OMP_NUM_THREADS": "3"}, cuda=False) == (3, "OMP_NUM_THREADS")
+    assert tg.choose_cpu_threads({"OMP_NUM_THREADS": " 4,2 "}, cuda=True) == (4, "OMP_NUM_THREADS")  # nested levels
+    assert tg.choose_cpu_threads({"OMP_NUM_THREADS": ""}, cuda=True) == (None, "torch's default (CUDA run)")
 
 
 def test_missing_or_old_zstandard_is_an_error_not_a_fallback(tmp_path, tiny_data, monkeypatch):

@@ -2,6 +2,7 @@
 the training budget, and that a GPTQ artifact is an ordinary artifact (EVAL_ONLY re-scores it)."""
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 
@@ -12,8 +13,14 @@ import train_gpt as tg
 from conftest import REPO, TINY_ENV, TORCHRUN, field, log_lines, run_in_process
 from test_quant import pack
 
-GEN = torch.Generator().manual_seed(0)
+GEN = torch.Generator()
 GPTQ = tg.read_hyperparameters({"QUANT_METHOD": "gptq"})
+
+
+@pytest.fixture(autouse=True)
+def reseeded():
+    """Every test draws the same data whatever ran before it (the suite can run in any order)."""
+    GEN.manual_seed(0)
 
 
 def trained_like(rows: int, cols: int) -> torch.Tensor:
@@ -139,7 +146,29 @@ dist.destroy_process_group()
 """
 
 
+@contextlib.contextmanager
+def threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def gptq_output_error(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, h: torch.Tensor) -> float:
+    """What GPTQ minimises: tr((W - Q) H (W - Q)^T), in float64."""
+    d = w.double() - q.double() * scale.double()
+    return float(((d @ h.double()) * d).sum())
+
+
 def test_matrices_spread_over_two_ranks_give_the_one_rank_result(tmp_path):
+    """The guarantee: every rank gets the same result, bitwise equal to one rank's solve under the same thread count
+    (each rank here runs one thread, as torchrun gives it; the reference too). MKL's Cholesky factors and matmuls
+    round differently under another thread count, and GPTQ's error feedback carries one flipped rounding on to the
+    columns after it, so across thread counts the result is only as good, not the same: identical scales and
+    fallbacks, under 1% of the values different, the same output error to 1% (measured over 20 seeds: at most
+    0.5% of the values and 0.15% of the error)."""
     hp = tg.read_hyperparameters({**TINY_ENV, "NUM_LAYERS": "2", "MLP_MULT": "17", "BIGRAM_VOCAB_SIZE": "0",
                                   "QUANT_METHOD": "gptq"})
     torch.manual_seed(0)
@@ -149,7 +178,8 @@ def test_matrices_spread_over_two_ranks_give_the_one_rank_result(tmp_path):
     assert len(names) == 4
     hessians = {n: (lambda x: x.T @ x)(torch.randn(600, state[n].size(1), generator=GEN))
                 for n in names + ["tok_emb.weight"]}
-    hessians[names[3]] = torch.full_like(hessians[names[3]], float("nan"))  # one falls back, on whichever rank
+    # one falls back, on whichever rank; on the 2-core AVX-512 VM two threads flip 0.5% of blocks.1.mlp.proj's values
+    hessians[names[2]] = torch.full_like(hessians[names[2]], float("nan"))
     torch.save((state, hessians), tmp_path / "input.pt")
     (tmp_path / "spread.py").write_text(SPREAD)
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("RANK", "WORLD_SIZE"))}
@@ -157,11 +187,19 @@ def test_matrices_spread_over_two_ranks_give_the_one_rank_result(tmp_path):
                    cwd=tmp_path, env=dict(env, OMP_NUM_THREADS="1"), check=True, capture_output=True, timeout=300)
     (zero, zero_fallbacks), (first, first_fallbacks) = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert zero.keys() == first.keys() and all(torch.equal(zero[k], first[k]) for k in zero)  # every rank alike
-    one, one_fallbacks = tg.quantize_state_dict(state, hp, hessians)[::3]
-    assert zero_fallbacks == first_fallbacks == one_fallbacks == [names[3]] and zero.keys() == one.keys()
-    for key in one:  # the one-rank solve, up to BLAS rounding across processes (GPTQ carries a flip on): scales exact
-        diff = (zero[key].float() - one[key].float()).abs()
-        assert diff.max() <= (1 if key.endswith(".q") else 0) and (diff > 0).float().mean() < 1e-2, key
+    with threads(1):
+        one, one_fallbacks = tg.quantize_state_dict(state, hp, hessians)[::3]
+    assert zero_fallbacks == first_fallbacks == one_fallbacks == [names[2]] and zero.keys() == one.keys()
+    assert all(torch.equal(zero[k], one[k]) for k in one)  # the one-rank solve, bitwise
+    with threads(2):
+        two, two_fallbacks = tg.quantize_state_dict(state, hp, hessians)[::3]
+    assert two_fallbacks == one_fallbacks and two.keys() == one.keys()
+    for name in names[:2] + names[3:]:
+        q1, q2, scale = one[name + ".q"], two[name + ".q"], one[name + ".scale"]
+        assert torch.equal(scale, two[name + ".scale"]) and (q1 != q2).float().mean() < 1e-2, name
+        h = hessians[tg.hessian_key(name)]
+        e1, e2 = gptq_output_error(state[name], q1, scale, h), gptq_output_error(state[name], q2, scale, h)
+        assert abs(e1 - e2) < 1e-2 * e1, name
 
 
 # MLP_MULT=17: the tiny model's MLP matrices (1088 x 64) are over the 65,536-value passthrough size, so int6 + GPTQ

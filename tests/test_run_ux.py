@@ -68,7 +68,10 @@ BAD = [
     ({"VOCAB_SIZE": "2048"}, "has vocab 1024 but VOCAB_SIZE=2048"),
     ({"TRAIN_FILES": "nothing_*.bin"}, "TRAIN_FILES=nothing_*.bin: no files match"),
     ({"VAL_FILES": "nothing_*.bin"}, "VAL_FILES=nothing_*.bin: no files match"),
-    ({"EVAL_ONLY": "missing.ptz"}, "EVAL_ONLY=missing.ptz: no such artifact file"),
+    ({"EVAL_ONLY": "missing.ptz"}, "EVAL_ONLY=missing.ptz: no such file; expected an artifact a training run wrote "
+                                   "(final_model.int6.ptz: zstd, lzma or brotli)"),
+    ({"OMP_NUM_THREADS": "two"}, "OMP_NUM_THREADS='two': expected a positive whole number of CPU threads"),
+    ({"OMP_NUM_THREADS": "0"}, "OMP_NUM_THREADS='0': expected a positive whole number of CPU threads"),
 ]
 
 
@@ -93,21 +96,55 @@ def test_the_error_line_and_exit_status_of_a_process(tmp_path, tiny_data):
         "warning: EMA_DECY is not a hyperparameter; did you mean EMA_DECAY?"]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "not_a_checkpoint"])
-def test_a_corrupt_artifact_is_refused_before_anything_is_written(tmp_path, tiny_run, tiny_data, damage):
+EXPECTED = "expected an artifact a training run wrote (final_model.int6.ptz: zstd, lzma or brotli)"
+# (what EVAL_ONLY names, the one error line: what it found and what was expected)
+DAMAGED = {
+    "empty": rf"EVAL_ONLY=art\.ptz: an empty file \(0 bytes\); {re.escape(EXPECTED)}",
+    "folder": rf"EVAL_ONLY=art\.ptz: a folder; {re.escape(EXPECTED)}",
+    "folder_of_a_run": rf"EVAL_ONLY=art\.ptz: a folder; {re.escape(EXPECTED)}, such as EVAL_ONLY=art\.ptz/final_model"
+                       r"\.int6\.ptz",
+    "truncated": r"EVAL_ONLY=art\.ptz: a zstd stream of \d+ bytes that does not unpack \(\w+: .*\); expected a "
+                 r"complete artifact \(truncated or damaged\?\)",
+    "garbage": rf"EVAL_ONLY=art\.ptz: 4000 bytes starting 00 01 02 03 04 05 06 07, not a zstd, lzma or brotli stream; "
+               rf"{re.escape(EXPECTED)}",
+    "not_a_checkpoint": r"EVAL_ONLY=art\.ptz: a zstd stream of 14 bytes that does not unpack \(\w+: .*\); expected a "
+                        r"complete artifact \(truncated or damaged\?\)",
+    "another_model": r"EVAL_ONLY=art\.ptz: artifact does not match the model configuration \(blocks\.0\.mlp\.fc\.weight is "
+                     r"\(128, 64\), the model expects \(192, 64\)\); set the same model env vars as the training run",
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED)
+def test_a_bad_artifact_is_refused_saying_what_it_is_before_anything_is_written(tmp_path, tiny_run, tiny_data,
+                                                                                damage):
     good = (tiny_run / "final_model.int6.ptz").read_bytes()
-    bad = {"truncated": good[: len(good) // 2], "garbage": os.urandom(4000),
-           "not_a_checkpoint": __import__("zstandard").ZstdCompressor().compress(b"hello")}[damage]
-    (tmp_path / "art.ptz").write_bytes(bad)
-    with pytest.raises(tg.InputError, match=r"^EVAL_ONLY=art.ptz: not a valid artifact \("):
-        run_in_process(tmp_path, tiny_data, EVAL_ONLY="art.ptz")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["art.ptz"]
+    art = tmp_path / "art.ptz"
+    if damage.startswith("folder"):
+        art.mkdir()
+        if damage == "folder_of_a_run":
+            (art / "final_model.int6.ptz").write_bytes(good)
+    else:
+        art.write_bytes({"empty": b"", "truncated": good[: len(good) // 2], "another_model": good,
+                         "garbage": bytes(range(256)) * 15 + bytes(160),
+                         "not_a_checkpoint": __import__("zstandard").ZstdCompressor().compress(b"hello")}[damage])
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(tg.InputError) as error:
+        run_in_process(tmp_path, tiny_data, EVAL_ONLY="art.ptz", **({"MLP_MULT": "3"} if damage == "another_model"
+                                                                     else {}))
+    assert re.fullmatch(DAMAGED[damage], str(error.value)), str(error.value)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
 
 
-def test_ctrl_c_under_torchrun_is_one_line_exit_130_and_no_artifact(tmp_path, tiny_data):
+EARLIER = b"an earlier run's artifact"
+OTHER_TMP = "final_model.int6.ptz.99999-0123abcd.tmp"  # what a concurrent run in the same folder is writing
+
+
+def test_ctrl_c_under_torchrun_is_one_line_exit_130_and_keeps_the_earlier_artifact(tmp_path, tiny_data):
     """A Ctrl-C in the terminal sends SIGINT to the whole process group; torchrun then adds its own report (and
-    exits 1): our line comes first, once, in the log too; the earlier run's artifact is gone, nothing half-written."""
-    (tmp_path / "final_model.int6.ptz").write_bytes(b"an earlier run's artifact")
+    exits 1): our line comes first, once, in the log too; the earlier run's artifact is untouched, byte for byte, and
+    so is a concurrent run's temporary file; nothing half-written."""
+    (tmp_path / "final_model.int6.ptz").write_bytes(EARLIER)
+    (tmp_path / OTHER_TMP).write_bytes(b"half")
     proc = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(REPO / "train_gpt.py")],
                             cwd=tmp_path, env=script_env(tiny_data, ITERATIONS="100000", MAX_WALLCLOCK_SECONDS="600"),
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -119,9 +156,53 @@ def test_ctrl_c_under_torchrun_is_one_line_exit_130_and_no_artifact(tmp_path, ti
     _, err = proc.communicate(timeout=120)
     ours = [line for line in err.splitlines() if line.startswith("interrupted")]
     assert len(ours) == 1
-    assert re.fullmatch(r"interrupted at step \d+ \(train_time \d+ ms\): no artifact written", ours[0])
+    assert re.fullmatch(r"interrupted at step \d+ \(train_time \d+ ms\): no artifact written; the earlier "
+                        r"final_model\.int6\.ptz is kept", ours[0])
     lines = log_lines(tmp_path)
-    assert lines[-1] == ours[0] and "artifact:removed the final_model.int6.ptz of an earlier run" in lines
-    assert not (tmp_path / "final_model.int6.ptz").exists() and not list(tmp_path.glob("*.tmp"))
+    assert lines[-1] == ours[0]
+    assert ("artifact:keeping the final_model.int6.ptz of an earlier run until this run's is written and verified"
+            in lines)
+    assert (tmp_path / "final_model.int6.ptz").read_bytes() == EARLIER
+    assert [p.name for p in tmp_path.glob("*.tmp")] == [OTHER_TMP] and (tmp_path / OTHER_TMP).read_bytes() == b"half"
     train = [line for line in lines if re.match(r"step:\d+/\d+ train_loss", line)]  # under a cap: the time left
     assert train and all(re.search(r" lr_mul:1\.0000 time_left:\d+\.\ds$", line) for line in train)
+
+
+def test_an_export_interrupted_or_failing_its_check_keeps_the_earlier_artifact(tmp_path, tiny_data, monkeypatch):
+    """The new artifact is written under a name of its own and checked before it replaces the earlier one: a Ctrl-C
+    while it is checked, or a check that fails, leaves the earlier artifact as it was and removes only this run's
+    temporary file; a run that finishes replaces the artifact with its own."""
+    (tmp_path / "final_model.int6.ptz").write_bytes(EARLIER)
+    (tmp_path / OTHER_TMP).write_bytes(b"half")
+    unpack, seen = tg.unpack_artifact, []
+
+    def interrupted_check(blob, reference):
+        (own,) = [p for p in tmp_path.glob("final_model.int6.ptz.*.tmp") if p.name != OTHER_TMP]
+        seen.append((own.name, own.read_bytes() == blob))
+        raise KeyboardInterrupt
+
+    def corrupted(blob, reference):
+        state = unpack(blob, reference)
+        return dict(state, **{"tok_emb.weight": state["tok_emb.weight"] + 1})
+
+    short = dict(ITERATIONS="2", TRAIN_BATCH_TOKENS="512", WARMUP_STEPS="0", VAL_LOSS_EVERY="0", EVAL_STRIDE="0",
+                 VAL_MAX_TOKENS="1024", WARMDOWN_ITERS="1")
+    for patch, outcome in ((interrupted_check, 130), (corrupted, RuntimeError)):
+        monkeypatch.setattr(tg, "unpack_artifact", patch)
+        if outcome == 130:
+            assert run_in_process(tmp_path, tiny_data, **short) == 130
+            assert re.fullmatch(r"interrupted at step 2 \(train_time \d+ ms\): no artifact written; the earlier "
+                                r"final_model\.int6\.ptz is kept", log_lines(tmp_path)[-1])
+        else:
+            with pytest.raises(RuntimeError, match=r"final_model\.int6\.ptz\.\d+-[0-9a-f]{8}\.tmp: unpacks to other "
+                                                   r"values than were packed \(tok_emb\.weight\)"):
+                run_in_process(tmp_path, tiny_data, **short)
+        assert (tmp_path / "final_model.int6.ptz").read_bytes() == EARLIER
+        assert [p.name for p in tmp_path.glob("*.tmp")] == [OTHER_TMP]
+    assert len(seen) == 1 and re.fullmatch(r"final_model\.int6\.ptz\.\d+-[0-9a-f]{8}\.tmp", seen[0][0]) and seen[0][1]
+    monkeypatch.setattr(tg, "unpack_artifact", unpack)
+    assert run_in_process(tmp_path, tiny_data, **short) == 0
+    (line,) = [line for line in log_lines(tmp_path) if line.startswith("artifact:final_model.int6.ptz bytes:")]
+    new = (tmp_path / "final_model.int6.ptz").read_bytes()
+    assert new != EARLIER and line.endswith(f"sha256:{__import__('hashlib').sha256(new).hexdigest()}")
+    assert [p.name for p in tmp_path.glob("*.tmp")] == [OTHER_TMP]
