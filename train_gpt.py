@@ -301,6 +301,11 @@ def newton_schulz_cost(shape: torch.Size) -> float:
     return float(m * m * n)
 
 
+def matrix_owners(shapes: list[tuple[int, int]], world: int) -> list[int]:
+    """The rank that orthogonalises each matrix: longest job first by Newton-Schulz's cost, alike on every rank."""
+    return assign_owners([newton_schulz_cost(s) for s in shapes], world)
+
+
 def shard_layout(shapes: list[tuple[int, int]], owners: list[int], world: int) -> tuple[int, list[list]]:
     """Where each matrix lives in the collectives' flat buffers: rank q's chunk holds the matrices q owns, those of
     one shape side by side, so that each such group (a bank) is a (count, rows, cols) stack for one Newton-Schulz
@@ -349,8 +354,7 @@ class ShardedMuon(Muon):
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         self.matrices = self.param_groups[0]["params"]  # one group: build_optimizers'
         shapes = [tuple(p.shape) for p in self.matrices]
-        owners = assign_owners([newton_schulz_cost(s) for s in shapes], self.world)
-        self.chunk, self.banks = shard_layout(shapes, owners, self.world)
+        self.chunk, self.banks = shard_layout(shapes, matrix_owners(shapes, self.world), self.world)
         like, n = self.matrices[0], self.world * self.chunk
         self.send = torch.zeros(n, dtype=like.dtype, device=like.device)  # every rank's gradients, by owner
         self.shard = self.send if self.world == 1 else torch.zeros_like(self.send[: self.chunk])  # the mean of mine

@@ -49,7 +49,7 @@ def test_ownership_and_layout_of_the_default_model(default_model, world):
     shapes = [tuple(p.shape) for p in matrices]
     costs = [tg.newton_schulz_cost(s) for s in shapes]
     assert tg.newton_schulz_cost((1536, 512)) == tg.newton_schulz_cost((512, 1536)) == 512 * 512 * 1536
-    owners = tg.assign_owners(costs, world)
+    owners = tg.matrix_owners(shapes, world)
     load = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(world)]
     assert max(load) / (sum(load) / world) < 1.01
     chunk, banks = tg.shard_layout(shapes, owners, world)
