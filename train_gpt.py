@@ -105,6 +105,7 @@ HPARAMS = dict(
     ATTENTION="auto",  # auto = FA3 if its start-up probe passes, else flash SDPA (then efficient, math); or a name:
                        # fa3, fa4 (flash-attn-4), cudnn, flash, efficient or math (SDPA's kernels)
     MUON_SHARDED=False,  # matrices' gradients reduce-scattered to their owners, updates all-gathered (Muon, sharded)
+    FUSED_CE=False,  # the training loss by SoftcappedCrossEntropy, which keeps no fp32 copy of the logits
     EVAL_ONLY="",  # path to a final_model.int6.ptz: skip training, score the artifact
 )
 HPARAM_NAMES = list(HPARAMS)
@@ -928,7 +929,7 @@ class GPT(nn.Module):
     def __init__(self, hp: SimpleNamespace, dtype: torch.dtype):
         super().__init__()
         dim, layers = hp.model_dim, hp.num_layers
-        self.softcap = hp.logit_softcap
+        self.softcap, self.fused_ce = hp.logit_softcap, hp.fused_ce
         self.rope_dims = hp.rope_dims or dim // hp.num_heads
         self.rope_base, self.train_seq_len = hp.rope_base, hp.train_seq_len
         self.act_dtype = dtype  # of the residual stream
@@ -1011,10 +1012,13 @@ class GPT(nn.Module):
     def embedding_tables(self) -> list[nn.Parameter]:
         return [self.tok_emb.weight] + ([self.bigram.embed.weight] if self.bigram is not None else [])
 
+    def head(self, x: Tensor) -> Tensor:
+        """The tied head (the token embedding): raw logits, in x's dtype."""
+        return F.linear(x, self.tok_emb.weight.to(x.dtype))
+
     def logits(self, x: Tensor) -> Tensor:
-        """The tied head (the token embedding) with a tanh softcap, in fp32."""
-        raw = F.linear(x, self.tok_emb.weight.to(x.dtype))
-        return self.softcap * torch.tanh(raw.float() / self.softcap)
+        """The tied head with a tanh softcap, in fp32."""
+        return self.softcap * torch.tanh(self.head(x).float() / self.softcap)
 
     def loss(self, x: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
         """Cross-entropy of the targets from the final hidden states x (reduction "none": per position)."""
@@ -1022,7 +1026,9 @@ class GPT(nn.Module):
 
     def objective(self, x: Tensor, targets: Tensor) -> Tensor:
         """The training loss: the mean cross-entropy (a region compiled apart from the evaluations' per-position
-        losses, whose shapes vary)."""
+        losses, whose shapes vary); under FUSED_CE the same loss by SoftcappedCrossEntropy."""
+        if self.fused_ce:
+            return SoftcappedCrossEntropy.apply(self.head(x).flatten(0, 1), targets.flatten(), self.softcap)
         return self.loss(x, targets)
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
@@ -1042,6 +1048,35 @@ def build_model(hp: SimpleNamespace, device: torch.device) -> GPT:
         if p.ndim < 2 or any(c in name for c in hp.control_patterns):
             p.data = p.data.float()
     return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused softcapped cross-entropy (FUSED_CE=1): the training loss without two fp32 copies of the logits
+
+class SoftcappedCrossEntropy(torch.autograd.Function):
+    """mean_i CE(c tanh(z_i / c), t_i) of raw logits z (N, V) and its gradient (softmax - onehot) (1 - tanh^2) / N.
+    Autograd through GPT.loss keeps two fp32 N x V tensors for the backward (tanh's output and log_softmax's);
+    this keeps z (bf16 under autocast: a quarter of their bytes) and each row's log-sum-exp, and recomputes tanh in
+    the backward, which is one fused expression (the softcap's c and 1/c cancel). The same loss and gradients up to
+    rounding: the loss is lse - l_t where log_softmax computes l_t - max - log(sum), and the gradient multiplies by
+    (1 - tanh^2) once where autograd multiplies by c, by (1 - tanh^2) and divides by c (tests/test_fused_ce.py)."""
+
+    @staticmethod
+    def forward(ctx, raw: Tensor, targets: Tensor, softcap: float) -> Tensor:
+        logits = torch.div(raw.float(), softcap).tanh_().mul_(softcap)  # GPT.logits, in one buffer
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(raw, targets, lse)
+        ctx.softcap = softcap
+        return (lse - logits.gather(1, targets[:, None]).squeeze(1)).mean()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        raw, targets, lse = ctx.saved_tensors
+        tanh = torch.div(raw.float(), ctx.softcap).tanh_()
+        dlogits = torch.mul(tanh, ctx.softcap).sub_(lse[:, None]).exp_()  # the softmax
+        dlogits[torch.arange(len(targets), device=targets.device), targets] -= 1
+        dlogits.mul_(grad / len(targets)).mul_(tanh.square_().neg_().add_(1))
+        return dlogits.to(raw.dtype), None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------

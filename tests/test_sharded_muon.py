@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO, run_tiny_training, tiny_model
+from conftest import REPO, run_in_process, run_tiny_training
 
 
 @pytest.fixture
@@ -241,3 +241,35 @@ def test_sharded_training_is_round_robin_training(tmp_path, tiny_data, nproc):
         assert len(scattered) == len(gathered) == optimizer_steps
         assert numel <= scattered[0] == nproc * gathered[0] < 1.25 * numel  # every gradient, padding < 25 %
         assert max(n for name, n in sharded if name == "all_reduce") == matrices  # the clip's norms only
+
+
+def test_sharded_muon_and_fused_ce_compile_before_the_timed_loop(tmp_path, tiny_data, monkeypatch):
+    """COMPILE=blocks with MUON_SHARDED=1 and FUSED_CE=1: the fused loss traces inside the compiled training-loss
+    region (fullgraph: a graph break would raise), Newton-Schulz compiles once per bank shape in the warmup, and no
+    graph is compiled inside the timed loop (dynamo's count after the warmup and after training). Dynamo with its eager
+    backend: the tracing is what is tested."""
+    from torch._dynamo.utils import counters
+
+    compile = torch.compile
+    monkeypatch.setattr(tg.torch, "compile", lambda fn, **kw: compile(fn, backend="eager", **kw))
+    graphs, logger, checksums = {}, tg.Logger.__call__, tg.replica_checksums
+
+    def count(self, line):
+        if line.startswith("warmup_time"):
+            graphs["warmup"] = counters["stats"]["unique_graphs"]
+        logger(self, line)
+
+    def after_training(model, rt):
+        graphs["training"] = counters["stats"]["unique_graphs"]
+        return checksums(model, rt)
+
+    monkeypatch.setattr(tg.Logger, "__call__", count)
+    monkeypatch.setattr(tg, "replica_checksums", after_training)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert run_in_process(tmp_path, tiny_data, COMPILE="blocks", MUON_SHARDED="1", FUSED_CE="1", ITERATIONS="4",
+                              WARMUP_STEPS="1", VAL_LOSS_EVERY="0", EVAL_STRIDE="0", VAL_MAX_TOKENS="1024") == 0
+    finally:
+        torch._dynamo.reset()
+    assert graphs["warmup"] > 0 and graphs["training"] == graphs["warmup"]
