@@ -6,7 +6,8 @@
 #   (torchrun on 2, 4 or 8: the most that is a power of two, as the batch split needs). Then where one step's time
 #   goes (bench/profile_step.py: attention forward/backward, matmuls, norms/elementwise, optimizer, communication,
 #   host gaps), and short A/B runs: every other attention backend that is installed (cudnn, fa4, flash, fa3) and,
-#   on torch 2.11, Inductor's mix_order_reduction off. One table at the end, read from the logs by
+#   on torch 2.11, Inductor's mix_order_reduction off, then the flags that wait for a GPU's verdict (GPU_CHECK_FLAGS:
+#   MUON_SHARDED=1, FUSED_CE=1), each on its own. One table at the end, read from the logs by
 #   records/runlog.py: ms/step, tokens/s, MFU, peak memory, compile (warmup) and export time, the sliding eval's
 #   rate on the validation slice, extrapolated to the full validation set on 8 GPUs, and in its header the torch
 #   version that was measured; then the profile's table.
@@ -16,7 +17,9 @@
 # 2026-12-04 H200 run: warmup 74 s, export 6 s, sliding eval 9 s); the profile ~90 s (compile mostly cached by the
 # main run); each A/B run GPU_CHECK_AB_SECONDS (25) of training + ~95 s (its graphs differ: a cold compile). A step
 # that would end past the budget is skipped and says so, and each runs under `timeout` at what is left, so the table
-# always comes back. On the 2026-12-04 machine (no FA3/FA4, torch 2.11): 10 + 160 + 90 + 2 x 120 = 500 s.
+# always comes back. On the 2026-12-04 machine (no FA3/FA4, torch 2.11): 10 + 160 + 90 + 2 x 120 = 500 s, so the
+# flags' arms are skipped there unless the others are left out: GPU_CHECK_AB=none GPU_CHECK_MIX=0 (10 + 160 + 90 +
+# 2 x 120 = 500 s again).
 #
 #   bash bench/gpu_check.sh                     # data in $GPU_CHECK_DATA (default scratch/gpu), see below
 #   GPU_CHECK_SMOKE=1 bash bench/gpu_check.sh   # the same path on the CPU at a tiny configuration
@@ -26,7 +29,9 @@
 # GPU_CHECK_FULL_VAL_TARGETS: targets of the full validation set for the extrapolation (default: sp1024's
 # 62021632, the tokenizer this check runs; SP8192's set has 40540160). GPU_CHECK_MIX: the mix_order_reduction A/B
 # (auto: on torch 2.11 only; 1 always; 0 never). GPU_CHECK_AB: the attention backends to A/B (default: the installed
-# ones of cudnn fa4 flash fa3 other than auto's pick; "none" for none).
+# ones of cudnn fa4 flash fa3 other than auto's pick; "none" for none). GPU_CHECK_FLAGS: the script's flags that are
+# off until a GPU measures them, each an A/B run of its own after those (default: MUON_SHARDED=1 FUSED_CE=1, column
+# ab_muon_sharded, ab_fused_ce; "none" for none).
 # Logs, the tables and the profile's trace go to $OUT when set (the device tool brings that folder back), else
 # scratch/gpu_check.
 set -euo pipefail
@@ -140,6 +145,11 @@ print(f"gpu_check: ab_mix0: with TORCHINDUCTOR_MIX_ORDER_REDUCTION=0 this torch 
 else
   echo "gpu_check: mix_order_reduction A/B not run (torch $torch_version; GPU_CHECK_MIX=$mix)"
 fi
+flags=${GPU_CHECK_FLAGS:-MUON_SHARDED=1 FUSED_CE=1}
+for flag in ${flags/none/}; do
+  name=${flag%%=*}
+  arms+=("ab_${name,,}:$flag:-")
+done
 for arm in "${arms[@]}"; do
   IFS=: read -r name setting extra <<< "$arm"
   if (($(left) >= ab_cost)); then

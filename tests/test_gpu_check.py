@@ -39,15 +39,20 @@ def test_smoke_mode_runs_one_and_all_gpus_the_profile_and_the_ab_runs(tmp_path, 
                  "inductor mix_order_reduction: 1"):
         assert line in versions, line
     table = (out / "table.txt").read_text().splitlines()
-    # the torch that was measured; one GPU, all GPUs, then the A/B runs: the other backend the CPU has (math), and
-    # Inductor's mix_order_reduction off (forced here: it is measured on torch 2.11 only)
-    assert table[0].split() == ["torch", tg.torch.__version__, "auto_x1", "auto_x2", "ab_math", "ab_mix0"]
+    # the torch that was measured; one GPU, all GPUs, then the A/B runs: the other backend the CPU has (math),
+    # Inductor's mix_order_reduction off (forced here: it is measured on torch 2.11 only), and each flag waiting for
+    # a GPU's verdict
+    assert table[0].split() == ["torch", tg.torch.__version__, "auto_x1", "auto_x2", "ab_math", "ab_mix0",
+                                "ab_muon_sharded", "ab_fused_ce"]
     rows = {line[:26].strip(): line[26:].split() for line in table[1:]}
-    assert rows["attention"] == ["flash", "flash", "math", "flash"] and rows["processes"] == ["1", "2", "1", "1"]
+    assert rows["attention"] == ["flash", "flash", "math"] + ["flash"] * 3
+    assert rows["processes"] == ["1", "2"] + ["1"] * 4
     for key in ("steps", "ms/step", "tokens/s", "compile+warmup s", "export (zstd-22) s", "sliding windows/s/GPU",
                 "full sliding, 8 GPUs, s"):
         assert all(float(v) > 0 for v in rows[key]), key
-    assert rows["peak alloc MiB"] == ["-"] * 4  # no CUDA memory on the CPU
+    assert rows["peak alloc MiB"] == ["-"] * 6  # no CUDA memory on the CPU
+    for name, flag in [("muon_sharded", "MUON_SHARDED=True"), ("fused_ce", "FUSED_CE=True")]:
+        assert f"hparam {flag}" in (out / "logs" / f"gpu_check_ab_{name}.txt").read_text()
     assert "gpu_check: ab_mix0: with TORCHINDUCTOR_MIX_ORDER_REDUCTION=0 this torch has mix_order_reduction:0 (-1: " \
         in proc.stdout  # the switch reaches Inductor
     assert (out / "logs" / "gpu_check_auto_x2.txt").is_file()
@@ -72,6 +77,7 @@ def test_ab_runs_that_do_not_fit_the_budget_are_skipped_and_said(tmp_path, tiny_
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "gpu_check: profile skipped: " in proc.stdout and "it needs ~1000 s" in proc.stdout
     assert "gpu_check: ab_math skipped: " in proc.stdout and "mix_order_reduction A/B not run" in proc.stdout
+    assert "gpu_check: ab_muon_sharded skipped: " in proc.stdout and "gpu_check: ab_fused_ce skipped: " in proc.stdout
     assert (out / "table.txt").read_text().splitlines()[0].split()[2:] == ["auto_x1"]
 
 
