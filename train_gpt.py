@@ -419,7 +419,7 @@ class ShardedMuon(Muon):
         norms, index = self.grad_norms(), {id(p): i for i, p in enumerate(self.matrices)}
         present = [p for p in params if p.grad is not None]
         others = [p for p in present if id(p) not in index]
-        other_norms = iter(torch._foreach_norm([p.grad for p in others]))
+        other_norms = iter(torch._foreach_norm([p.grad for p in others]) if others else [])
         total = nn.utils.get_total_norm([norms[index[id(p)]] if id(p) in index else next(other_norms)
                                          for p in present])
         nn.utils.clip_grads_with_norm_(others, max_norm, total)
