@@ -5,21 +5,21 @@
 #   script picks (ATTENTION=auto) and, when the machine has several GPUs (nvidia-smi -L), once more on all of them
 #   (torchrun on 2, 4 or 8: the most that is a power of two, as the batch split needs). Then where one step's time
 #   goes (bench/profile_step.py: attention forward/backward, matmuls, norms/elementwise, optimizer, communication,
-#   host gaps), and short A/B runs: every other attention backend that is installed (cudnn, fa4, flash, fa3) and,
+#   host gaps), the two parts the flags below replace (bench/parts_time.py: the Muon step, the training loss), and
+#   short A/B runs: every other attention backend that is installed (cudnn, fa4, flash, fa3) and,
 #   on torch 2.11, Inductor's mix_order_reduction off, then the flags that wait for a GPU's verdict (GPU_CHECK_FLAGS:
 #   MUON_SHARDED=1, FUSED_CE=1), each on its own. One table at the end, read from the logs by
 #   records/runlog.py: ms/step, tokens/s, MFU, peak memory, compile (warmup) and export time, the sliding eval's
 #   rate on the validation slice, extrapolated to the full validation set on 8 GPUs, and in its header the torch
-#   version that was measured; then the profile's table.
+#   version that was measured; then the profile's table and the parts' timings.
 #
 # Time budget, one H100/H200 (GPU_CHECK_BUDGET, default 540 s, so the device call's 560 s limit holds): start and
 # versions ~10 s; the main run 60 s of training + ~75 s compile and warmup + ~25 s start, export and evals (the
 # 2026-12-04 H200 run: warmup 74 s, export 6 s, sliding eval 9 s); the profile ~90 s (compile mostly cached by the
-# main run); each A/B run GPU_CHECK_AB_SECONDS (25) of training + ~95 s (its graphs differ: a cold compile). A step
+# main run); bench/parts_time.py's two parts ~30 s (no compile); each A/B run GPU_CHECK_AB_SECONDS (25) of training + ~95 s (its graphs differ: a cold compile). A step
 # that would end past the budget is skipped and says so, and each runs under `timeout` at what is left, so the table
-# always comes back. On the 2026-12-04 machine (no FA3/FA4, torch 2.11): 10 + 160 + 90 + 2 x 120 = 500 s, so the
-# flags' arms are skipped there unless the others are left out: GPU_CHECK_AB=none GPU_CHECK_MIX=0 (10 + 160 + 90 +
-# 2 x 120 = 500 s again).
+# always comes back. On the 2026-12-04 machine (no FA3/FA4, torch 2.11): 10 + 160 + 90 + 30 + 2 x 120 = 530 s, so
+# the flags' arms are skipped there unless the others are left out: GPU_CHECK_AB=none GPU_CHECK_MIX=0 (530 s again).
 #
 #   bash bench/gpu_check.sh                     # data in $GPU_CHECK_DATA (default scratch/gpu), see below
 #   GPU_CHECK_SMOKE=1 bash bench/gpu_check.sh   # the same path on the CPU at a tiny configuration
@@ -84,10 +84,10 @@ PY
 common=(TRAIN_FILES="$data/*train_*.bin" VAL_FILES="$data/*val_*.bin" TOKENIZER_PATH="$model")
 budget=${GPU_CHECK_BUDGET:-540}
 ab_seconds=${GPU_CHECK_AB_SECONDS:-25} ab_cost=${GPU_CHECK_AB_COST:-120} profile_cost=${GPU_CHECK_PROFILE_COST:-90}
-profile_args=()
+profile_args=() parts_cost=${GPU_CHECK_PARTS_COST:-30} parts_args=()
 if [[ $smoke == 1 ]]; then
   seconds=1 ab_seconds=1 ab_cost=${GPU_CHECK_AB_COST:-30} profile_cost=${GPU_CHECK_PROFILE_COST:-30}
-  profile_args=(--skip 2 --steps 2)
+  profile_args=(--skip 2 --steps 2) parts_args=(--tokens 1024 --repeat 2)
   common+=(NUM_LAYERS=2 MODEL_DIM=64 NUM_HEADS=4 NUM_KV_HEADS=2 MLP_MULT=2 BIGRAM_VOCAB_SIZE=64 BIGRAM_DIM=16
            XSA_LAST_N=1 TRAIN_SEQ_LEN=64 EVAL_SEQ_LEN=64 EVAL_STRIDE=16 TRAIN_BATCH_TOKENS=1024 VAL_BATCH_SIZE=8192
            VAL_MAX_TOKENS=4096 WARMUP_STEPS=2 WARMDOWN_ITERS=5 COMPILE=0)
@@ -127,6 +127,15 @@ if (($(left) >= profile_cost)); then
     || { tail -n 20 "$work/profile.txt"; echo "gpu_check: the profile failed (profile.txt)" >&2; failed+=(profile); }
 else
   echo "gpu_check: profile skipped: $(left) s left of the budget, it needs ~$profile_cost s" | tee "$work/profile.txt"
+fi
+if (($(left) >= parts_cost)); then  # no compile: seconds each
+  echo "== parts: the Muon step and the training loss, the flags' forms against the defaults' =="
+  for part in muon loss; do
+    (cd "$work" && timeout -k 20 "$(left)" "$py" "$repo/bench/parts_time.py" --part "$part" "${parts_args[@]}" \
+        -- "${common[@]}") || { echo "gpu_check: parts_time --part $part failed" >&2; failed+=("parts_$part"); }
+  done > "$work/parts.txt" 2>&1
+else
+  echo "gpu_check: parts skipped: $(left) s left of the budget, they need ~$parts_cost s" | tee "$work/parts.txt"
 fi
 
 auto=$(grep -m1 -oP '^attention_backend:\K\S+' "$work/logs/gpu_check_auto_x1.txt")
@@ -181,4 +190,5 @@ for label, key in rows:
     print(f"{label:26}" + "".join(f"{show(cols[n].get(key)):>22}" for n in names))
 PY
 grep -A 20 '^profile_step:' "$work/profile.txt" || true
+grep -A 4 '^parts_time:' "$work/parts.txt" || true
 echo "gpu_check: ${SECONDS} s in all (budget $budget s)${failed[*]:+; failed: ${failed[*]}}"

@@ -60,6 +60,10 @@ def test_smoke_mode_runs_one_and_all_gpus_the_profile_and_the_ab_runs(tmp_path, 
     assert "profile_step: 2 steps of 1024 tokens on 1x cpu" in profile and "\nhost gaps " in profile
     assert (out / "profile_trace.json.gz").stat().st_size > 0
     assert "\nattention bwd " in proc.stdout  # the profile's table is printed after the runs' table
+    parts = (out / "parts.txt").read_text()
+    for part, forms in [("muon", ("round_robin", "sharded")), ("loss", ("plain", "fused"))]:
+        assert f"parts_time: {part} on 1x cpu, torch {tg.torch.__version__}, precision " in parts
+        assert all(f"\n{form} " in parts and f"\n{form} " in proc.stdout for form in forms)
     assert proc.stdout.splitlines()[-1].startswith("gpu_check: ") and "failed" not in proc.stdout.splitlines()[-1]
 
 
@@ -71,11 +75,13 @@ def test_ab_runs_that_do_not_fit_the_budget_are_skipped_and_said(tmp_path, tiny_
     shutil.copy(TOKENIZER, data / "fineweb_1024_bpe.model")
     out = tmp_path / "out"
     env = environment(tmp_path, 1, GPU_CHECK_SMOKE="1", GPU_CHECK_DATA=str(data), OUT=str(out), GPU_CHECK_MIX="0",
-                      GPU_CHECK_BUDGET="200", GPU_CHECK_PROFILE_COST="1000", GPU_CHECK_AB_COST="1000")
+                      GPU_CHECK_BUDGET="200", GPU_CHECK_PROFILE_COST="1000", GPU_CHECK_AB_COST="1000",
+                      GPU_CHECK_PARTS_COST="1000")
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "gpu_check: profile skipped: " in proc.stdout and "it needs ~1000 s" in proc.stdout
+    assert "gpu_check: parts skipped: " in proc.stdout and "they need ~1000 s" in proc.stdout
     assert "gpu_check: ab_math skipped: " in proc.stdout and "mix_order_reduction A/B not run" in proc.stdout
     assert "gpu_check: ab_muon_sharded skipped: " in proc.stdout and "gpu_check: ab_fused_ce skipped: " in proc.stdout
     assert (out / "table.txt").read_text().splitlines()[0].split()[2:] == ["auto_x1"]
