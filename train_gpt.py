@@ -1593,8 +1593,9 @@ def build_optimizers(model: GPT, hp: SimpleNamespace, orthogonalize, fused: bool
     taken = {id(p) for p in matrices + tables}
     scalars = [p for p in model.parameters() if id(p) not in taken]
     optimizers = dict(
-        muon=(ShardedMuon if hp.muon_sharded else Muon)(matrices, hp.matrix_lr, hp.muon_momentum_warmup_start, hp.muon_backend_steps, hp.muon_wd,
-                  orthogonalize, hp.muon_row_norm),
+        muon=(ShardedMuon if hp.muon_sharded else Muon)(matrices, hp.matrix_lr, hp.muon_momentum_warmup_start,
+                                                        hp.muon_backend_steps, hp.muon_wd, orthogonalize,
+                                                        hp.muon_row_norm),
         adam=torch.optim.AdamW([dict(params=tables, lr=hp.tied_embed_lr), dict(params=scalars, lr=hp.scalar_lr)],
                                betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd, fused=fused),
     )
