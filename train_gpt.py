@@ -104,6 +104,8 @@ HPARAMS = dict(
     PRECISION="auto",  # auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32; or bf16, fp32
     ATTENTION="auto",  # auto = FA3 if its start-up probe passes, else flash SDPA (then efficient, math); or a name:
                        # fa3, fa4 (flash-attn-4), cudnn, flash, efficient or math (SDPA's kernels)
+    MUON_SHARDED=False,  # matrices' gradients reduce-scattered to their owners, updates all-gathered (Muon, sharded)
+    FUSED_CE=False,  # the training loss by SoftcappedCrossEntropy, which keeps no fp32 copy of the logits
     EVAL_ONLY="",  # path to a final_model.int6.ptz: skip training, score the artifact
 )
 HPARAM_NAMES = list(HPARAMS)
@@ -249,17 +251,19 @@ def choose_cpu_threads(env, cuda: bool) -> tuple[int | None, str]:
 # Muon: momentum + Newton-Schulz orthogonalised updates for the matrices
 
 def newton_schulz(g: Tensor, steps: int) -> Tensor:
-    """Quintic iteration pushing every singular value of g towards 1 (in bf16, as in the records)."""
+    """Quintic iteration pushing every singular value of g towards 1 (in bf16, as in the records). g is a matrix or
+    a stack of same-shape matrices (each normalised by its own Frobenius norm): on the CPU a stack gives each
+    matrix's result bit for bit (tests/test_sharded_muon.py)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.to(ACT_DTYPE)
-    x = x / (x.norm() + 1e-7)
-    tall = x.size(0) > x.size(1)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    tall = x.size(-2) > x.size(-1)
     if tall:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -300,6 +304,184 @@ class Muon(torch.optim.Optimizer):
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
+
+    def clip_grad_norm_(self, params, max_norm: float) -> Tensor:
+        """Every gradient of params scaled down to a global L2 norm of max_norm (once DDP has averaged them)."""
+        return nn.utils.clip_grad_norm_(params, max_norm)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sharded Muon (MUON_SHARDED=1): each matrix's gradient goes only to the rank that orthogonalises it
+
+def newton_schulz_cost(shape: torch.Size) -> float:
+    """Newton-Schulz's work on a matrix, up to a constant: it iterates on the wide orientation (m <= n), m^2 n per
+    step, so a matrix and its transpose cost the same."""
+    m, n = sorted(shape)
+    return float(m * m * n)
+
+
+def matrix_owners(shapes: list[tuple[int, int]], world: int) -> list[int]:
+    """The rank that orthogonalises each matrix: longest job first by Newton-Schulz's cost, alike on every rank."""
+    return assign_owners([newton_schulz_cost(s) for s in shapes], world)
+
+
+def shard_layout(shapes: list[tuple[int, int]], owners: list[int], world: int) -> tuple[int, list[list]]:
+    """Where each matrix lives in the collectives' flat buffers: rank q's chunk holds the matrices q owns, those of
+    one shape side by side, so that each such group (a bank) is a (count, rows, cols) stack for one Newton-Schulz
+    call. Every chunk has the largest rank's size (the others end in zeros). Returns that size and, per rank, its
+    banks as (shape, matrix indices, offset in the chunk)."""
+    chunk, banks = 0, []
+    for q in range(world):
+        mine, offset = [], 0
+        for shape in dict.fromkeys(shapes):
+            members = [i for i, s in enumerate(shapes) if s == shape and owners[i] == q]
+            if members:
+                mine.append((shape, members, offset))
+                offset += len(members) * shape[0] * shape[1]
+        banks.append(mine)
+        chunk = max(chunk, offset)
+    return chunk, banks
+
+
+def reduce_scatter(output: Tensor, input: Tensor):
+    """Async sum over the ranks of input, rank r receiving chunk r (torch 2.13 renamed reduce_scatter_tensor)."""
+    return getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(output, input, async_op=True)
+
+
+def all_gather(output: Tensor, input: Tensor):
+    """Async: every rank's input, concatenated in rank order (torch 2.13 renamed all_gather_into_tensor)."""
+    return getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(output, input, async_op=True)
+
+
+class ShardedMuon(Muon):
+    """Muon's update, computed where the gradients land. The matrices' gradients skip DDP (data_parallel); each
+    rank's are divided by the world size and reduce-scattered, so a rank receives the mean gradients of the matrices
+    it owns only (longest job first by Newton-Schulz's cost, computed alike on every rank), keeps their momentum,
+    orthogonalises each bank of same-shape matrices in one call, and one all-gather per bank gives every rank every
+    update. Per step and rank that moves the gradients once (reduce-scatter) and the updates once (all-gather),
+    where DDP's all-reduce of the gradients (twice a reduce-scatter's bytes) and the all-reduce of the updates move
+    them twice each. Banks' collectives run asynchronously: a bank is orthogonalised while later ones are in
+    flight. The arithmetic is Muon's, op for op: gradients averaged as DDP does (multiplied by 1/world, then
+    summed), the same momentum, Nesterov, row norm, Newton-Schulz, shape scale and decoupled decay, and clipping
+    by the same global norm (clip_grad_norm_). Momentum lives on the owner only; state dict names, the parameters
+    and the artifact are those of Muon."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, orthogonalize,
+                 row_norm: bool = False):
+        super().__init__(params, lr, momentum, backend_steps, weight_decay, orthogonalize, row_norm)
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        self.matrices = self.param_groups[0]["params"]  # one group: build_optimizers'
+        shapes = [tuple(p.shape) for p in self.matrices]
+        self.chunk, self.banks = shard_layout(shapes, matrix_owners(shapes, self.world), self.world)
+        like, n = self.matrices[0], self.world * self.chunk
+        self.send = torch.zeros(n, dtype=like.dtype, device=like.device)  # every rank's gradients, by owner
+        self.shard = self.send if self.world == 1 else torch.zeros_like(self.send[: self.chunk])  # the mean of mine
+        self.update = torch.zeros(self.chunk, dtype=ACT_DTYPE, device=like.device)  # my matrices' updates
+        self.gathered = self.update if self.world == 1 else torch.zeros(n, dtype=ACT_DTYPE, device=like.device)
+        self.in_flight = None  # the reduce-scatter of this step's gradients, once started
+
+    def stacks(self, flat: Tensor, q: int, base: int = 0) -> list[tuple[list[int], Tensor]]:
+        """Rank q's banks in its chunk of flat, which starts at base, as (matrix indices, (count, rows, cols) view)."""
+        return [(members, flat[base + offset : base + offset + len(members) * shape[0] * shape[1]].view(-1, *shape))
+                for shape, members, offset in self.banks[q]]
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Every matrix's mean gradient on its way to its owner's shard (once a step: the clip and the step both
+        need it). A matrix without a gradient (an untied loop MLP before its switch: on every rank alike) sends
+        zeros, and its owner (which sees that the gradient is missing, as every rank does) leaves its momentum alone:
+        its update is zero, as in Muon, and only the decay touches it."""
+        if self.in_flight is not None:
+            return
+        slots, grads = [], []
+        for q in range(self.world):
+            for members, stack in self.stacks(self.send, q, q * self.chunk):
+                for i, slot in zip(members, stack):
+                    if (g := self.matrices[i].grad) is None:
+                        slot.zero_()
+                    else:
+                        slots.append(slot)
+                        grads.append(g)
+        if grads:
+            torch._foreach_copy_(slots, grads)
+        self.in_flight = []
+        if self.world > 1:
+            self.send.mul_(1.0 / self.world)  # DDP's averaging (exact for a power of two), then the sum
+            self.in_flight.append(reduce_scatter(self.shard, self.send))
+
+    def wait_gradients(self) -> list[tuple[list[int], Tensor]]:
+        """This rank's mean gradients, per bank: (matrix indices, (count, rows, cols) view of the shard)."""
+        self.reduce_gradients()
+        for handle in self.in_flight:
+            handle.wait()
+        self.in_flight = []  # waited for once only: gloo's wait copies its result into the shard (again)
+        return self.stacks(self.shard, self.rank)
+
+    @torch.no_grad()
+    def grad_norms(self) -> Tensor:
+        """The L2 norm of every matrix's mean gradient, from the owners' shards: one all-reduce of one value per
+        matrix, each with a single nonzero addend, so the sums are exact."""
+        norms = torch.zeros(len(self.matrices), dtype=self.matrices[0].dtype, device=self.matrices[0].device)
+        for members, stack in self.wait_gradients():
+            norms[members] = torch.stack(torch._foreach_norm(list(stack)))
+        if self.world > 1:
+            dist.all_reduce(norms)
+        return norms
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, params, max_norm: float) -> Tensor:
+        """nn.utils.clip_grad_norm_(params) with the matrices' mean gradients in their owners' shards: the same
+        total norm, bit for bit (each gradient's norm stands in for the gradient in get_total_norm, in the same
+        order and dtype: the norm of a one-element tensor is its absolute value, exactly), and the same factor."""
+        norms, index = self.grad_norms(), {id(p): i for i, p in enumerate(self.matrices)}
+        present = [p for p in params if p.grad is not None]
+        others = [p for p in present if id(p) not in index]
+        other_norms = iter(torch._foreach_norm([p.grad for p in others]) if others else [])
+        total = nn.utils.get_total_norm([norms[index[id(p)]] if id(p) in index else next(other_norms)
+                                         for p in present])
+        nn.utils.clip_grads_with_norm_(others, max_norm, total)
+        factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # clip_grads_with_norm_'s
+        for _, stack in self.wait_gradients():
+            torch._foreach_mul_(list(stack), factor)
+        return total
+
+    def momentum_buffer(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        return state["momentum_buffer"]
+
+    @torch.no_grad()
+    def step(self):
+        group = self.param_groups[0]
+        mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+        for (members, stack), (_, update) in zip(self.wait_gradients(), self.stacks(self.update, self.rank)):
+            present = [(self.matrices[i], g) for i, g in zip(members, stack)
+                       if self.matrices[i].grad is not None]  # a matrix without one keeps its momentum, as in Muon
+            if present:
+                grads = [g for _, g in present]
+                buffers = [self.momentum_buffer(p) for p, _ in present]
+                torch._foreach_mul_(buffers, mu)
+                torch._foreach_add_(buffers, grads)
+                torch._foreach_add_(grads, buffers, alpha=mu)  # Nesterov, in place: the shard holds g + mu buf
+            nesterov = stack  # the zero slots of matrices without a gradient orthogonalise to exactly zero
+            if self.row_norm:
+                nesterov = nesterov / nesterov.float().norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            shape = stack.shape[1:]
+            torch.mul(self.orthogonalize(nesterov, group["backend_steps"]), max(1.0, shape[0] / shape[1]) ** 0.5,
+                      out=update)
+        self.in_flight = None
+        if self.world > 1:
+            all_gather(self.gathered, self.update).wait()
+        gathered, params, deltas = self.gathered.to(self.matrices[0].dtype), [], []
+        for q in range(self.world):
+            for members, stack in self.stacks(gathered, q, q * self.chunk):
+                params += [self.matrices[i] for i in members]
+                deltas += list(stack)
+        if wd > 0:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_add_(params, deltas, alpha=-lr)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -765,7 +947,7 @@ class GPT(nn.Module):
     def __init__(self, hp: SimpleNamespace, dtype: torch.dtype):
         super().__init__()
         dim, layers = hp.model_dim, hp.num_layers
-        self.softcap = hp.logit_softcap
+        self.softcap, self.fused_ce = hp.logit_softcap, hp.fused_ce
         self.rope_dims = hp.rope_dims or dim // hp.num_heads
         self.rope_base, self.train_seq_len = hp.rope_base, hp.train_seq_len
         self.act_dtype = dtype  # of the residual stream
@@ -848,10 +1030,13 @@ class GPT(nn.Module):
     def embedding_tables(self) -> list[nn.Parameter]:
         return [self.tok_emb.weight] + ([self.bigram.embed.weight] if self.bigram is not None else [])
 
+    def head(self, x: Tensor) -> Tensor:
+        """The tied head (the token embedding): raw logits, in x's dtype."""
+        return F.linear(x, self.tok_emb.weight.to(x.dtype))
+
     def logits(self, x: Tensor) -> Tensor:
-        """The tied head (the token embedding) with a tanh softcap, in fp32."""
-        raw = F.linear(x, self.tok_emb.weight.to(x.dtype))
-        return self.softcap * torch.tanh(raw.float() / self.softcap)
+        """The tied head with a tanh softcap, in fp32."""
+        return self.softcap * torch.tanh(self.head(x).float() / self.softcap)
 
     def loss(self, x: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
         """Cross-entropy of the targets from the final hidden states x (reduction "none": per position)."""
@@ -859,7 +1044,9 @@ class GPT(nn.Module):
 
     def objective(self, x: Tensor, targets: Tensor) -> Tensor:
         """The training loss: the mean cross-entropy (a region compiled apart from the evaluations' per-position
-        losses, whose shapes vary)."""
+        losses, whose shapes vary); under FUSED_CE the same loss by SoftcappedCrossEntropy."""
+        if self.fused_ce:
+            return SoftcappedCrossEntropy.apply(self.head(x).flatten(0, 1), targets.flatten(), self.softcap)
         return self.loss(x, targets)
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
@@ -879,6 +1066,35 @@ def build_model(hp: SimpleNamespace, device: torch.device) -> GPT:
         if p.ndim < 2 or any(c in name for c in hp.control_patterns):
             p.data = p.data.float()
     return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused softcapped cross-entropy (FUSED_CE=1): the training loss without two fp32 copies of the logits
+
+class SoftcappedCrossEntropy(torch.autograd.Function):
+    """mean_i CE(c tanh(z_i / c), t_i) of raw logits z (N, V) and its gradient (softmax - onehot) (1 - tanh^2) / N.
+    Autograd through GPT.loss keeps two fp32 N x V tensors for the backward (tanh's output and log_softmax's);
+    this keeps z (bf16 under autocast: a quarter of their bytes) and each row's log-sum-exp, and recomputes tanh in
+    the backward, which is one fused expression (the softcap's c and 1/c cancel). The same loss and gradients up to
+    rounding: the loss is lse - l_t where log_softmax computes l_t - max - log(sum), and the gradient multiplies by
+    (1 - tanh^2) once where autograd multiplies by c, by (1 - tanh^2) and divides by c (tests/test_fused_ce.py)."""
+
+    @staticmethod
+    def forward(ctx, raw: Tensor, targets: Tensor, softcap: float) -> Tensor:
+        logits = torch.div(raw.float(), softcap).tanh_().mul_(softcap)  # GPT.logits, in one buffer
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(raw, targets, lse)
+        ctx.softcap = softcap
+        return (lse - logits.gather(1, targets[:, None]).squeeze(1)).mean()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        raw, targets, lse = ctx.saved_tensors
+        tanh = torch.div(raw.float(), ctx.softcap).tanh_()
+        dlogits = torch.mul(tanh, ctx.softcap).sub_(lse[:, None]).exp_()  # the softmax
+        dlogits[torch.arange(len(targets), device=targets.device), targets] -= 1
+        dlogits.mul_(grad / len(targets)).mul_(tanh.square_().neg_().add_(1))
+        return dlogits.to(raw.dtype), None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1417,8 +1633,9 @@ def build_optimizers(model: GPT, hp: SimpleNamespace, orthogonalize, fused: bool
     taken = {id(p) for p in matrices + tables}
     scalars = [p for p in model.parameters() if id(p) not in taken]
     optimizers = dict(
-        muon=Muon(matrices, hp.matrix_lr, hp.muon_momentum_warmup_start, hp.muon_backend_steps, hp.muon_wd,
-                  orthogonalize, hp.muon_row_norm),
+        muon=(ShardedMuon if hp.muon_sharded else Muon)(matrices, hp.matrix_lr, hp.muon_momentum_warmup_start,
+                                                        hp.muon_backend_steps, hp.muon_wd, orthogonalize,
+                                                        hp.muon_row_norm),
         adam=torch.optim.AdamW([dict(params=tables, lr=hp.tied_embed_lr), dict(params=scalars, lr=hp.scalar_lr)],
                                betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd, fused=fused),
     )
@@ -1426,6 +1643,20 @@ def build_optimizers(model: GPT, hp: SimpleNamespace, orthogonalize, fused: bool
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
     return optimizers
+
+
+def data_parallel(module: nn.Module, muon: Muon, hp: SimpleNamespace, rt: SimpleNamespace) -> nn.Module:
+    """DDP around the (compiled) model: it averages the gradients during the backward, all of them, or under
+    MUON_SHARDED all but the matrices', which ShardedMuon reduce-scatters to their owners itself. DDP looks for
+    unused parameters only when it has some: untied loop MLPs (matrices), idle before their switch."""
+    if not rt.distributed:
+        return module
+    sharded = {id(p) for p in muon.param_groups[0]["params"]} if isinstance(muon, ShardedMuon) else set()
+    if sharded:
+        DDP._set_params_and_buffers_to_ignore_for_model(module, [n for n, p in module.named_parameters()
+                                                                 if id(p) in sharded])
+    return DDP(module, device_ids=[rt.device.index] if rt.cuda else None, gradient_as_bucket_view=True,
+               find_unused_parameters=hp.loop_untie_mlp and not sharded)
 
 
 class WeightAverage:
@@ -1562,10 +1793,9 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, va
     log(f"model_params:{sum(p.numel() for p in base_model.parameters() if p.requires_grad)}")
     log(f"train_loader:dataset:{Path(train_files[0]).parent.name} train_shards:{len(train_files)}")
     compiled, hidden = compile_model(base_model, rt)
-    model = DDP(compiled, device_ids=[rt.device.index] if rt.cuda else None, gradient_as_bucket_view=True,
-                find_unused_parameters=hp.loop_untie_mlp) if rt.distributed else compiled  # idle before the switch
     orthogonalize = torch.compile(newton_schulz, dynamic=False) if rt.compile else newton_schulz
     optimizers = build_optimizers(base_model, hp, orthogonalize, fused=rt.cuda)
+    model = data_parallel(compiled, optimizers["muon"], hp, rt)
     log(f"tied_embed_lr:{hp.tied_embed_lr} matrix_lr:{hp.matrix_lr} scalar_lr:{hp.scalar_lr}")
     log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} iterations:{hp.iterations} "
         f"warmup_steps:{hp.warmup_steps} max_wallclock_seconds:{hp.max_wallclock_seconds:.3f}")
@@ -1588,7 +1818,7 @@ def train(hp: SimpleNamespace, rt: SimpleNamespace, log: Logger, val: Tensor, va
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_scale
         if hp.grad_clip_norm > 0:
-            nn.utils.clip_grad_norm_(base_model.parameters(), hp.grad_clip_norm)
+            optimizers["muon"].clip_grad_norm_(base_model.parameters(), hp.grad_clip_norm)
         for opt in optimizers.values():
             opt.step()
         base_model.zero_grad(set_to_none=True)

@@ -8,23 +8,28 @@
 #   an 8,192-token *8192*.model, SP8192 with TTT (on the sp1024 tokens, whose ids fit: its throughput, memory,
 #   compile, calibration and export are real, its losses and bytes per token mean nothing). Then where one step's
 #   time goes (bench/profile_step.py: attention forward/backward, matmuls, norms/elementwise, optimizer,
-#   communication, host gaps), and short A/B runs: COMPILE=model (the whole-model compile) against auto's blocks,
-#   every other attention backend that is installed (cudnn, fa4, flash, fa3) and, on torch 2.11, Inductor's
-#   mix_order_reduction off. One table at the end, read from the logs by records/runlog.py: ms/step, tokens/s, MFU,
-#   peak memory, compile (warmup; the evaluations' priming), GPTQ calibration, export time and the artifact's
-#   bytes, the sliding eval's rate on the validation slice, extrapolated to the full validation set on 8 GPUs, and
-#   in its header the torch version that was measured; then the profile's table. Each run's warmup phases (one per
+#   communication, host gaps), the two parts the flags below replace (bench/parts_time.py: the Muon step, the
+#   training loss), and short A/B runs: COMPILE=model (the whole-model compile) against auto's blocks, every other
+#   attention backend that is installed (cudnn, fa4, flash, fa3), on torch 2.11 Inductor's mix_order_reduction off,
+#   then the flags that wait for a GPU's verdict (GPU_CHECK_FLAGS: MUON_SHARDED=1, FUSED_CE=1), each on its own.
+#   One table at the end, read from the logs by records/runlog.py: ms/step, tokens/s, MFU, peak memory, compile
+#   (warmup; the evaluations' priming), GPTQ calibration, export time and the artifact's bytes, the sliding eval's
+#   rate on the validation slice, extrapolated to the full validation set on 8 GPUs, and in its header the torch
+#   version that was measured; then the profile's table and the parts' timings. Each run's warmup phases (one per
 #   loop shape, then the eval graph) are in its log, logs/gpu_check_<name>.txt, as `warmup:<phase> ms:...`.
 #
 # Time budget, one H100/H200 (GPU_CHECK_BUDGET, default 540 s, so the device call's 560 s limit holds): start and
 # versions ~10 s; the main run GPU_CHECK_SECONDS (40) of training + compile and warmup (75 s under the whole-model
 # compile on 2026-12-04; the blocks compile is not measured yet) + ~25 s start, export and evals; each stack
 # GPU_CHECK_STACK_SECONDS (30, of which GPTQ reserves 10) + ~120 s of compile, calibration, export and evals on a
-# 262,144-target slice (GPU_CHECK_STACK_COST, 150); the profile ~90 s (compile mostly cached by the main run); each
-# A/B run GPU_CHECK_AB_SECONDS (25) of training + ~95 s (its graphs differ: a cold compile). A step that would end
-# past the budget is skipped and says so, and each runs under `timeout` at what is left, so the table always comes
-# back. Estimated for the 2026-12-04 machine (no FA3/FA4, torch 2.11): 10 + 140 + 2 x 150 + 90 = 540 s: the stacks
-# come before the profile and the A/B runs, which a later call can run alone (GPU_CHECK_STACKS=none).
+# 262,144-target slice (GPU_CHECK_STACK_COST, 150); the profile ~90 s (compile mostly cached by the main run);
+# bench/parts_time.py's two parts ~30 s (no compile); each A/B run GPU_CHECK_AB_SECONDS (25) of training + ~95 s
+# (its graphs differ: a cold compile). A step that would end past the budget is skipped and says so, and each runs
+# under `timeout` at what is left, so the table always comes back. Estimated for the 2026-12-04 machine (no
+# FA3/FA4, torch 2.11): 10 + 140 + 2 x 150 + 90 = 540 s, so one call runs the defaults and the stacks; a second
+# call with GPU_CHECK_STACKS=none runs the profile, the parts and the A/B runs in their order of priority (compile
+# mode, attention, mix_order_reduction, the flags) as the budget allows; GPU_CHECK_AB, GPU_CHECK_MIX and
+# GPU_CHECK_FLAGS choose among them.
 #
 #   bash bench/gpu_check.sh                     # data in $GPU_CHECK_DATA (default scratch/gpu), see below
 #   GPU_CHECK_SMOKE=1 bash bench/gpu_check.sh   # the same path on the CPU at a tiny configuration
@@ -35,7 +40,9 @@
 # 62021632, the tokenizer this check runs; SP8192's set has 40540160). GPU_CHECK_MIX: the mix_order_reduction A/B
 # (auto: on torch 2.11 only; 1 always; 0 never). GPU_CHECK_AB: the attention backends to A/B (default: the installed
 # ones of cudnn fa4 flash fa3 other than auto's pick; "none" for none). GPU_CHECK_STACKS: the stacks to run (default
-# "sp1024 sp8192"; "none" for none).
+# "sp1024 sp8192"; "none" for none). GPU_CHECK_FLAGS: the script's flags that are off until a GPU measures them,
+# each an A/B run of its own after those (default: MUON_SHARDED=1 FUSED_CE=1, column ab_muon_sharded,
+# ab_fused_ce; "none" for none).
 # Logs, the tables and the profile's trace go to $OUT when set (the device tool brings that folder back), else
 # scratch/gpu_check.
 set -euo pipefail
@@ -90,7 +97,7 @@ common=(TRAIN_FILES="$data/*train_*.bin" VAL_FILES="$data/*val_*.bin" TOKENIZER_
 budget=${GPU_CHECK_BUDGET:-540}
 ab_seconds=${GPU_CHECK_AB_SECONDS:-25} ab_cost=${GPU_CHECK_AB_COST:-120} profile_cost=${GPU_CHECK_PROFILE_COST:-90}
 stack_seconds=${GPU_CHECK_STACK_SECONDS:-30} stack_cost=${GPU_CHECK_STACK_COST:-150}
-profile_args=()
+profile_args=() parts_cost=${GPU_CHECK_PARTS_COST:-30} parts_args=()
 # The README's frontier stacks (its commands' settings), on a 262,144-target validation slice
 sp1024=(MLP_NEG_SLOPE=0.5 ROPE_DIMS=16 ROPE_BASE=10000 LN_SCALE=1 XSA_LAST_N=11 EMA_DECAY=0.997 QK_GAIN_INIT=5.0
         LOOP_LAYERS=4-5 LOOP_START=0.35 PARALLEL_START=7 MUON_ROW_NORM=1 SKIP_GATES=1 MUON_WD=0.09 WARMDOWN_FRAC=0.72
@@ -103,7 +110,7 @@ sp8192=(VOCAB_SIZE=8192 TOKENIZER_PATH="$model8192" BIGRAM_VOCAB_SIZE=0 MLP_MULT
 if [[ $smoke == 1 ]]; then
   seconds=1 ab_seconds=1 ab_cost=${GPU_CHECK_AB_COST:-30} profile_cost=${GPU_CHECK_PROFILE_COST:-30}
   stack_seconds=2 stack_cost=${GPU_CHECK_STACK_COST:-40}
-  profile_args=(--skip 2 --steps 2)
+  profile_args=(--skip 2 --steps 2) parts_args=(--tokens 1024 --repeat 2)
   common+=(NUM_LAYERS=2 MODEL_DIM=64 NUM_HEADS=4 NUM_KV_HEADS=2 MLP_MULT=2 BIGRAM_VOCAB_SIZE=64 BIGRAM_DIM=16
            XSA_LAST_N=1 TRAIN_SEQ_LEN=64 EVAL_SEQ_LEN=64 EVAL_STRIDE=16 TRAIN_BATCH_TOKENS=1024 VAL_BATCH_SIZE=8192
            VAL_MAX_TOKENS=4096 WARMUP_STEPS=2 WARMDOWN_ITERS=5 COMPILE=0)
@@ -163,6 +170,15 @@ if (($(left) >= profile_cost)); then
 else
   echo "gpu_check: profile skipped: $(left) s left of the budget, it needs ~$profile_cost s" | tee "$work/profile.txt"
 fi
+if (($(left) >= parts_cost)); then  # no compile: seconds each
+  echo "== parts: the Muon step and the training loss, the flags' forms against the defaults' =="
+  for part in muon loss; do
+    (cd "$work" && timeout -k 20 "$(left)" "$py" "$repo/bench/parts_time.py" --part "$part" "${parts_args[@]}" \
+        -- "${common[@]}") || { echo "gpu_check: parts_time --part $part failed" >&2; failed+=("parts_$part"); }
+  done > "$work/parts.txt" 2>&1
+else
+  echo "gpu_check: parts skipped: $(left) s left of the budget, they need ~$parts_cost s" | tee "$work/parts.txt"
+fi
 
 auto=$(grep -m1 -oP '^attention_backend:\K\S+' "$work/logs/gpu_check_auto_x1.txt")
 installed() { case $1 in fa3) grep -q '^flash_attn_interface: importable' "$work/versions.txt" ;;
@@ -181,6 +197,11 @@ print(f"gpu_check: ab_mix0: with TORCHINDUCTOR_MIX_ORDER_REDUCTION=0 this torch 
 else
   echo "gpu_check: mix_order_reduction A/B not run (torch $torch_version; GPU_CHECK_MIX=$mix)"
 fi
+flags=${GPU_CHECK_FLAGS:-MUON_SHARDED=1 FUSED_CE=1}
+for flag in ${flags/none/}; do
+  name=${flag%%=*}
+  arms+=("ab_${name,,}:$flag:-")
+done
 for arm in "${arms[@]}"; do
   IFS=: read -r name setting extra <<< "$arm"
   if (($(left) >= ab_cost)); then
@@ -213,4 +234,5 @@ for label, key in rows:
     print(f"{label:26}" + "".join(f"{show(cols[n].get(key)):>22}" for n in names))
 PY
 grep -A 20 '^profile_step:' "$work/profile.txt" || true
+grep -A 4 '^parts_time:' "$work/parts.txt" || true
 echo "gpu_check: ${SECONDS} s in all (budget $budget s)${failed[*]:+; failed: ${failed[*]}}"
