@@ -4,7 +4,7 @@ import sys
 import pytest
 
 import train_gpt as tg
-from conftest import REPO, field, log_lines
+from conftest import REPO, TOKENIZER, field, log_lines
 
 sys.path.insert(0, str(REPO / "bench"))
 import bench  # noqa: E402
@@ -95,3 +95,21 @@ def test_export_time_table_on_a_small_model(capsys):
     cpu = [line.split("|")[1:-1] for line in out[1].splitlines() if line.startswith(("| zstd", "| brotli"))]
     assert [r[0].strip() for r in cpu] == ["zstd", "brotli"]
     assert all(float(r[1]) >= float(r[2]) > 0 for r in cpu)  # the total over the frames, the largest one
+
+
+def test_a_stack_hands_inductor_about_what_the_defaults_do(tmp_path, tiny_data, monkeypatch):
+    """COMPILE=blocks (issue 25): the sp1024 frontier stack's flags (a loop, parallel blocks, XSA everywhere, LN
+    scale, partial RoPE, gated skips) at the default depth give Inductor at most 1.3x the defaults' forward ops; the
+    whole-model compile gives it over 2x (a graph per loop shape). Counted, not compiled: machine-independent."""
+    import compile_count
+
+    monkeypatch.chdir(tmp_path)
+    shape = dict(DATA_PATH=str(tiny_data), TOKENIZER_PATH=str(TOKENIZER), MODEL_DIM="64", NUM_HEADS="4",
+                 NUM_KV_HEADS="2", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", EVAL_STRIDE="32", TRAIN_BATCH_TOKENS="512",
+                 VAL_BATCH_SIZE="4096", VAL_MAX_TOKENS="1024", PRECISION="fp32", CUDA_VISIBLE_DEVICES="")
+    stack = dict(shape, MLP_NEG_SLOPE="0.5", ROPE_DIMS="8", LN_SCALE="1", XSA_LAST_N="11", EMA_DECAY="0.997",
+                 LOOP_LAYERS="4-5", LOOP_START="0.35", PARALLEL_START="7", MUON_ROW_NORM="1", SKIP_GATES="1")
+    ops = {(name, mode): sum(compile_count.count_graphs(env, mode))
+           for name, env in (("default", shape), ("stack", stack)) for mode in ("blocks", "model")}
+    assert ops["stack", "blocks"] <= 1.3 * ops["default", "blocks"]
+    assert ops["stack", "model"] > 2 * ops["default", "model"] > 2 * ops["default", "blocks"]

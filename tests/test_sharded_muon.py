@@ -183,7 +183,8 @@ def both(hp, rt, log, code, wrapper, val, val_bytes, train_files, artifact_state
         for seen in (lines, calls, norms):
             seen.clear()
         model, info = tg.train(hp, rt, log, val, val_bytes, train_files, progress)
-        torch.save({{k: v.detach().clone() for k, v in model.state_dict().items()}}, f"weights{{sharded}}_{{rt.rank}}.pt")
+        weights = {{k: v.detach().clone() for k, v in model.state_dict().items()}}
+        torch.save(weights, f"weights{{sharded}}_{{rt.rank}}.pt")
         matrices = [m.weight for m in model.modules() if isinstance(m, tg.CastedLinear)]
         record[sharded] = dict(lines=list(lines), calls=list(calls), norms=list(norms), steps=info.steps,
                                matrices=len(matrices), numel=sum(p.numel() for p in matrices),
