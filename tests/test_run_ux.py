@@ -110,7 +110,8 @@ DAMAGED = {
     "not_a_checkpoint": r"EVAL_ONLY=art\.ptz: a zstd stream of 14 bytes that does not unpack \(\w+: .*\); expected a "
                         r"complete artifact \(truncated or damaged\?\)",
     "another_model": r"EVAL_ONLY=art\.ptz: artifact does not match the model configuration "
-                     r"\(blocks\.0\.mlp\.fc\.weight is \(128, 64\), the model expects \(192, 64\)\); set the same model env vars as the training run",
+                     r"\(blocks\.0\.mlp\.fc\.weight is \(128, 64\), the model expects \(192, 64\)\); "
+                     r"set the same model env vars as the training run",
 }
 
 
