@@ -131,3 +131,224 @@ def test_cli(tmp_path):
     bad = subprocess.run(tool + ["decode"], input=f"ok {T}".encode(), capture_output=True)
     assert bad.returncode == 2 and bad.stdout == b""
     assert "character 3: TITLE" in one_error_line(bad.stderr.decode())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets: make_shards --caseops / --byte-sidecar / --train-tokenizer
+
+
+def build(corpus: Path, out: Path, *extra: str) -> int:
+    return ms.main([str(corpus), "--out", str(out), "--no-progress", "--threads", "1", *extra])
+
+
+@pytest.fixture(scope="session")
+def datasets(tmp_path_factory) -> dict[str, Path]:
+    """The 200 documents as a CaseOps dataset and as a plain one with sidecars, each with its own 512-piece
+    tokenizer trained on the 180 training documents; validation in shards of 20,000 tokens (several files)."""
+    if not DOCS.is_file():
+        pytest.skip("the real documents are not in ../shared/data (set PG_SHARED_DATA)")
+    root = tmp_path_factory.mktemp("caseops_datasets")
+    common = ["--train-tokenizer", str(VOCAB), "--val-docs", str(VAL_DOCS), "--shard-tokens", "20000"]
+    assert build(DOCS, root / "caseops", "--caseops", *common) == 0
+    assert build(DOCS, root / "plain", "--byte-sidecar", *common) == 0
+    return {"caseops": root / "caseops", "plain": root / "plain"}
+
+
+def split_docs(tokens: np.ndarray, values: np.ndarray | None = None) -> list[np.ndarray]:
+    """A BOS-separated stream (or values aligned with it) cut into documents, each starting with its BOS."""
+    starts = np.flatnonzero(tokens == 1)
+    assert starts[0] == 0
+    return np.split(tokens if values is None else values, starts[1:])
+
+
+def test_caseops_dataset_layout_and_tokenizer(datasets):
+    out = datasets["caseops"]
+    names = sorted(p.name for p in out.iterdir())
+    vals = [n for n in names if re.fullmatch(r"fineweb_val_\d{6}\.bin", n)]
+    assert len(vals) >= 3 and names == sorted(vals + [n.replace("val_", "val_bytes_") for n in vals] + [
+        n for n in names if n.startswith("fineweb_train_")] + ["tokenizer.model", "tokenizer.vocab"])
+    for name in vals:  # one sidecar per shard, the same length
+        assert read_shard(out / name).size == read_shard(out / name.replace("val_", "val_bytes_")).size
+    sp = load_sp(out / "tokenizer.model")
+    assert sp.vocab_size() == VOCAB and [sp.id_to_piece(i) for i in range(4, 8)] == [T, A, C, E]
+    assert [sp.is_control(i) for i in range(4)] == [True, True, True, False] and sp.is_unknown(3)
+    assert sp.is_byte(8) and sp.is_byte(263)
+    plain = load_sp(datasets["plain"] / "tokenizer.model")
+    assert plain.vocab_size() == VOCAB and ms.caseops_pieces(plain) == []
+
+
+@needs_shared
+def test_caseops_tokens_spell_what_plain_tokens_spell(datasets):
+    """Through its tokens, every one of the 200 documents decodes (SentencePiece, then the inverse transform) to
+    exactly the text a plain tokenizer's tokens spell: the document as SentencePiece normalises it (nmt_nfkc: 196
+    of the 200 change, mostly newlines to spaces). The exact original is what the transform's round trip gives."""
+    sp, plain = load_sp(datasets["caseops"] / "tokenizer.model"), load_sp(datasets["plain"] / "tokenizer.model")
+    docs = real_docs()
+    ids = sp.encode([caseops.encode(d) for d in docs])
+    assert [caseops.decode(sp.decode(i)) for i in ids] == plain.decode(plain.encode(docs))
+    on_disk = split_docs(stream(datasets["caseops"], "val")) + split_docs(stream(datasets["caseops"], "train"))
+    assert [d[1:].tolist() for d in on_disk] == ids  # the shards hold exactly these encodings, one BOS each
+
+
+def reference_counts(sp, text: str, is_caseops: bool) -> list[int]:
+    """§3.4's rule, char by char, on the surfaces SentencePiece's own offset API gives (not the tool's proto
+    reader): an operator 0, ESC 0 and the character after it in full, any other character its UTF-8 length."""
+    form = caseops.encode(text) if is_caseops else text
+    out, escaped = [], False
+    for begin, end in sp.encode(form, return_type="offset_mapping")["offsets"]:
+        count = 0
+        for ch in form[begin:end]:
+            if escaped or not is_caseops or ch not in caseops.OPERATORS:
+                count, escaped = count + len(ch.encode()), False
+            else:
+                escaped = ch == E
+        out.append(count)
+    return out
+
+
+@needs_shared
+@pytest.mark.parametrize("kind", ["caseops", "plain"])
+def test_sidecar_counts_the_original_bytes_exactly(datasets, kind):
+    """Document by document and in total, the sidecar sums to the UTF-8 bytes of the original documents; token by
+    token it matches an independent implementation of the rule; BOS and the operators count 0."""
+    out, docs = datasets[kind], real_docs()[:VAL_DOCS]
+    tokens, counts = stream(out, "val"), stream(out, "val_bytes")
+    assert counts.sum() == sum(len(d.encode()) for d in docs) == 176_391
+    per_doc = split_docs(tokens, counts)
+    assert [int(c.sum()) for c in per_doc] == [len(d.encode()) for d in docs]
+    assert not counts[tokens == 1].any()
+    if kind == "caseops":  # no literal operator in these documents: every operator token counts 0
+        assert np.isin(tokens, [4, 5, 6]).sum() > 2000 and not counts[np.isin(tokens, [4, 5, 6, 7])].any()
+    sp = load_sp(out / "tokenizer.model")
+    try:
+        sp.encode("a", return_type="offset_mapping")
+    except (TypeError, ValueError):
+        pytest.skip("this sentencepiece has no offset_mapping API for the independent reference")
+    for doc, c in zip(docs, per_doc):
+        assert c[1:].tolist() == reference_counts(sp, doc, kind == "caseops")
+
+
+@needs_shared
+def test_table_and_sidecar_denominators_of_a_plain_dataset(datasets):
+    """How the two byte counts of a plain dataset relate: the tokenizer's table counts the bytes of the text as
+    SentencePiece normalised it (what the baseline scores, SPEC B2.4), the sidecar those of the original text.
+    Normalisation changes the length both ways (a double space collapses, '™' -> 'TM' loses a byte, '″' -> '′′'
+    gains three): document by document each sums to its own text's bytes; over these 20 validation documents the
+    table counts 3 bytes more, from 2 documents. (Token by token they differ more often: '…' spelled '...' is three
+    pieces, which the table counts 1+1+1 and the sidecar 0+0+3, the character on the piece that ends it.)"""
+    out, docs = datasets["plain"], real_docs()[:VAL_DOCS]
+    sp = load_sp(out / "tokenizer.model")
+    tokens, counts = stream(out, "val"), stream(out, "val_bytes")
+    table = tg.token_bytes(torch.from_numpy(tokens), tg.build_byte_luts(sp, VOCAB)).numpy()
+    normalised = [len(sp.decode(sp.encode(d)).encode()) for d in docs]
+    original = [len(d.encode()) for d in docs]
+    assert [int(t.sum()) for t in split_docs(tokens, table)] == normalised
+    assert [int(c.sum()) for c in split_docs(tokens, counts)] == original
+    assert sum(normalised) - sum(original) == 3 and sum(n != o for n, o in zip(normalised, original)) == 2
+
+
+def test_edge_whitespace_and_literal_operators(tmp_path, capsys):
+    """Whitespace SentencePiece drops at a document's ends counts with its first and last real token (never an
+    operator or BOS), so every document sums to its own bytes; literal operator characters cost their 3 bytes."""
+    docs = ["  Hello there World  \n", f"keep {T}this{E} LITERAL", "x", "\t\u200bIndeed", "lower case only " * 30]
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs + filler(50))
+    assert build(corpus, tmp_path / "out", "--caseops", "--train-tokenizer", "300", "--val-docs", "5") == 0
+    tokens, counts = stream(tmp_path / "out", "val"), stream(tmp_path / "out", "val_bytes")
+    per_doc = split_docs(tokens, counts)
+    assert [int(c.sum()) for c in per_doc] == [len(d.encode()) for d in docs]
+    first, second, fourth = (split_docs(tokens)[i] for i in (0, 1, 3))
+    assert first[1] == 4 and per_doc[0][1] == 0 and per_doc[0][2] >= 2 + 1  # TITLE 0; 'h...' gets the 2 spaces
+    assert fourth[1] == 4 and per_doc[3][1] == 0 and per_doc[3][2] >= 4 + 1  # '\t' and U+200B: dropped, counted
+    after_esc = np.flatnonzero(np.r_[False, second[:-1] == 7])  # ESC TITLE ... ESC ESC: two literals, 3 bytes each
+    assert second[after_esc[:2]].tolist() == [4, 7] and per_doc[1][after_esc[:2]].tolist() == [3, 3]
+    assert per_doc[1][np.flatnonzero(second == 7)].tolist() == [0, 0, 3]
+    assert "val byte sidecars: files=1 bytes=" in capsys.readouterr().out
+
+
+def test_a_blank_document_cannot_be_counted(tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["fine", " \n\t ", "more"] + filler(20))
+    assert build(corpus, tmp_path / "out", "--caseops", "--train-tokenizer", SMALL, "--val-docs", "3") == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "line 2:" in line and "blank" in line and not (tmp_path / "out").exists()
+    assert build(corpus, tmp_path / "out", "--train-tokenizer", SMALL, "--val-docs", "3") == 0  # no sidecar: fine
+
+
+@pytest.mark.parametrize("dup_of,extra,which", [(2, [], "validation"), (5, ["--train-from", "6"], "--train-from")])
+def test_a_held_out_document_in_training_is_refused(tmp_path, capsys, dup_of, extra, which):
+    """The overlap check, by hash of the text with whitespace runs as one space: a planted copy of a held-out
+    document among the training documents (with other line breaks) stops the tool; nothing is written."""
+    docs = [f"Document number {i} says: {text}" for i, text in enumerate(filler(30))]
+    docs[20] = docs[dup_of - 1].replace(" ", "\n  ")
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+    assert build(corpus, tmp_path / "out", "--caseops", "--train-tokenizer", SMALL, "--val-docs", "4", *extra) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"training document at line 21 has the text of the document at line {dup_of}" in line and which in line
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*"))
+    docs[20] = "A different document."
+    assert build(write_jsonl(tmp_path / "c.jsonl", docs), tmp_path / "out", "--caseops", "--train-tokenizer", SMALL,
+                 "--val-docs", "4", *extra) == 0
+
+
+def test_train_from_keeps_the_documents_between_out_of_every_shard(tmp_path, capsys):
+    docs = [f"Doc {i}: {text}" for i, text in enumerate(filler(40))]
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+    assert build(corpus, tmp_path / "out", "--caseops", "--train-tokenizer", SMALL, "--val-docs", "5",
+                 "--train-from", "25") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("val: documents=5 ") and out[1].startswith("train: documents=15 ")
+    assert out[2].startswith("held out: documents=20 ")
+    sp = load_sp(tmp_path / "out" / "tokenizer.model")
+    train = [caseops.decode(sp.decode(d[1:].tolist())) for d in split_docs(stream(tmp_path / "out", "train"))]
+    assert train == docs[25:]
+    with pytest.raises(SystemExit) as exc:
+        build(corpus, tmp_path / "o2", "--train-tokenizer", SMALL, "--val-docs", "5", "--train-from", "4")
+    assert exc.value.code == 2 and "--train-from 4 must be >= --val-docs 5" in capsys.readouterr().err
+
+
+def test_tokenizer_kinds_must_match_the_mode(tmp_path, capsys, datasets):
+    corpus = write_jsonl(tmp_path / "c.jsonl", ["One", "Two", "Three"])
+    assert build(corpus, tmp_path / "o", "--caseops", "--tokenizer", str(datasets["plain"] / "tokenizer.model"),
+                 "--val-docs", "1") == 2
+    assert "not a CaseOps tokenizer (it has 0 of the 4 operator pieces" in one_error_line(capsys.readouterr().err)
+    assert build(corpus, tmp_path / "o", "--tokenizer", str(datasets["caseops"] / "tokenizer.model"),
+                 "--val-docs", "1") == 2
+    assert "is a CaseOps tokenizer" in one_error_line(capsys.readouterr().err) and not (tmp_path / "o").exists()
+    assert build(corpus, tmp_path / "o", "--caseops", "--tokenizer", str(datasets["caseops"] / "tokenizer.model"),
+                 "--val-docs", "1") == 0  # a given CaseOps tokenizer: no tokenizer written
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "fineweb_train_000000.bin", "fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin"]
+
+
+def test_train_tokenizer_errors(tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", filler(5))
+    assert build(corpus, tmp_path / "o", "--train-tokenizer", "5000", "--val-docs", "1") == 2
+    assert "give only" in one_error_line(capsys.readouterr().err) and not (tmp_path / "o").exists()
+    assert build(corpus, tmp_path / "o", "--train-tokenizer", SMALL, "--val-docs", "1") == 0
+    capsys.readouterr()
+    for f in (tmp_path / "o").glob("fineweb_*"):
+        f.unlink()  # only the tokenizer is left: a new one would replace it
+    assert build(corpus, tmp_path / "o", "--train-tokenizer", SMALL, "--val-docs", "1") == 2
+    assert "tokenizer.model" in one_error_line(capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exc:
+        build(corpus, tmp_path / "o", "--train-tokenizer", "100")
+    assert exc.value.code == 2 and "[260, 65536]" in capsys.readouterr().err
+
+
+def test_piece_spans_read_the_wire_format():
+    """The proto reader against a hand-made SentencePieceText: unknown fields and wire types skipped, multi-byte
+    varints, a piece whose begin (0) is left out."""
+    def varint(n: int) -> bytes:
+        out = b""
+        while True:
+            out += bytes([n & 0x7F | (0x80 if n > 0x7F else 0)])
+            n >>= 7
+            if not n:
+                return out
+
+    def piece(pid: int, begin: int | None, end: int) -> bytes:
+        body = b"\x0a\x02ab" + b"\x10" + varint(pid) + b"\x1a\x01x" + (b"\x20" + varint(begin) if begin is not None
+                                                                         else b"") + b"\x28" + varint(end)
+        return b"\x12" + varint(len(body)) + body
+
+    blob = b"\x0a\x03abc" + piece(300, None, 2) + piece(7, 2, 200) + b"\x1d\x00\x00\x80\x3f" + piece(1, 200, 70000)
+    assert ms.piece_spans(blob) == [[300, 0, 2], [7, 2, 200], [1, 200, 70000]]

@@ -213,7 +213,7 @@ def test_a_token_id_beyond_uint16_writes_nothing(tmp_path, tiny_model, capsys, m
         def encode(self, texts: list[str], **_: Any) -> list[list[int]]:
             return [[70000 if "boom" in t else 5] for t in texts]
 
-    monkeypatch.setattr(ms, "load_tokenizer", lambda path: HugeVocab())
+    monkeypatch.setattr(ms, "load_tokenizer", lambda path, is_caseops: HugeVocab())
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("unrelated")
