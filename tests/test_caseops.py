@@ -352,3 +352,175 @@ def test_piece_spans_read_the_wire_format():
 
     blob = b"\x0a\x03abc" + piece(300, None, 2) + piece(7, 2, 200) + b"\x1d\x00\x00\x80\x3f" + piece(1, 200, 70000)
     assert ms.piece_spans(blob) == [[300, 0, 2], [7, 2, 200], [1, 200, 70000]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train_gpt.py: scoring from a sidecar
+
+
+def hp_for(data: Path, **env) -> object:
+    return tg.read_hyperparameters({"DATA_PATH": str(data), "VOCAB_SIZE": str(VOCAB),
+                                    "TOKENIZER_PATH": str(data / "tokenizer.model"), **env})
+
+
+def val_bytes_of(data: Path, seq_len: int = 64, **env) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    hp = hp_for(data, **env)
+    sp = tg.load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    files = tg.resolve_files(hp.val_glob, "VAL_FILES")
+    tokens = tg.load_validation_tokens(files, seq_len, hp.val_max_tokens)
+    got, sidecars = tg.validation_bytes(hp, sp, tg.build_byte_luts(sp, hp.vocab_size), files, tokens)
+    return got, sidecars, tokens
+
+
+def copy_dataset(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_default_globs_never_take_a_sidecar_for_a_shard(datasets, tmp_path):
+    data = datasets["caseops"]
+    hp = hp_for(data)
+    assert tg.resolve_files(hp.val_glob, "VAL_FILES") == sorted(str(p) for p in data.glob("fineweb_val_0*.bin"))
+    assert not any(tg.is_sidecar(f) for f in tg.resolve_files(hp.train_glob, "TRAIN_FILES"))
+    with pytest.raises(tg.InputError, match=r"VAL_FILES=.*fineweb_val_\*\.bin matches .*fineweb_val_bytes_000000\.bin, "
+                       r"a byte sidecar .* e\.g\. .*fineweb_val_\[0-9\]\*\.bin"):
+        tg.resolve_files(str(data / "fineweb_val_*.bin"), "VAL_FILES")
+    with pytest.raises(tg.InputError, match=r"TRAIN_FILES=.* matches .*_bytes_.* e\.g\. .*/fineweb_train_\[0-9\]\*\.bin"):
+        tg.resolve_files(str(data / "fineweb_*.bin"), "TRAIN_FILES")
+
+
+@pytest.mark.parametrize("max_tokens", [0, 4096])
+def test_the_sidecar_is_found_and_cut_as_the_tokens_are(datasets, max_tokens):
+    data = datasets["caseops"]
+    got, sidecars, tokens = val_bytes_of(data, VAL_MAX_TOKENS=str(max_tokens))
+    assert sidecars == sorted(str(p) for p in data.glob("fineweb_val_bytes_*.bin")) and len(sidecars) >= 3
+    assert got.dtype == torch.int16 and len(got) == len(tokens) and (not max_tokens or len(got) == max_tokens + 1)
+    assert torch.equal(got.long(), torch.from_numpy(stream(data, "val_bytes")[: len(tokens)]))
+    explicit, files, _ = val_bytes_of(data, VAL_MAX_TOKENS=str(max_tokens),
+                                      VAL_BYTES_FILES=str(data / "fineweb_val_bytes_*.bin"))
+    assert torch.equal(explicit, got) and files == sidecars
+
+
+def test_without_a_sidecar_a_plain_tokenizer_uses_its_table(datasets, tmp_path):
+    data = copy_dataset(datasets["plain"], tmp_path / "plain")
+    for f in data.glob("fineweb_val_bytes_*"):
+        f.unlink()
+    got, sidecars, tokens = val_bytes_of(data)
+    sp = load_sp(data / "tokenizer.model")
+    assert sidecars == [] and torch.equal(got, tg.token_bytes(tokens, tg.build_byte_luts(sp, VOCAB)))
+
+
+def corrupt(data: Path, name: str, edit) -> None:
+    path = data / name
+    raw = bytearray(path.read_bytes())
+    edit(raw)
+    path.write_bytes(bytes(raw))
+
+
+def set_count(position: int, value: int):
+    def edit(raw: bytearray) -> None:
+        raw[1024 + 2 * position : 1026 + 2 * position] = value.to_bytes(2, "little")
+    return edit
+
+
+def first_after_esc(data: Path) -> int:
+    tokens = read_shard(data / "fineweb_val_000000.bin")
+    return int(np.flatnonzero(np.isin(tokens, [4, 5, 6]))[0])
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("short", r"fineweb_val_bytes_000001\.bin: \d+ byte counts, but its shard .*fineweb_val_000001\.bin holds \d+"),
+    ("header", r"fineweb_val_bytes_000000\.bin: bad shard header"),
+    ("missing", r"VAL_BYTES_FILES=.*: (\d+) byte sidecars for (?!\1)\d+ validation shards"),
+    ("misnamed", r"fineweb_val_bytes_000003\.bin: not the byte sidecar of .*fineweb_val_000002\.bin by name"),
+    ("bos", r"validation token 0 \(id 1, '<s>'\) has 5 bytes: a control token \(BOS\) stands for no text"),
+    ("operator", r"validation token \d+ \(id [456], .*\) has 3 bytes: a case operator stands for no text"),
+    ("huge", r"validation token 7 .* has 40000 bytes: more bytes than one token can stand for"),
+    ("caseops-without", r"TOKENIZER_PATH=.* is a CaseOps tokenizer .* no byte sidecar matches .*fineweb_val_bytes_"),
+    ("explicit-none", r"VAL_BYTES_FILES=.*nothing_\*\.bin: no files match"),
+])
+def test_a_sidecar_that_disagrees_is_one_clear_error(datasets, tmp_path, damage, expected):
+    data = copy_dataset(datasets["caseops"], tmp_path / "d")
+    env = {}
+    if damage == "short":
+        corrupt(data, "fineweb_val_bytes_000001.bin", lambda raw: raw.__delitem__(slice(-2, None)))
+        corrupt(data, "fineweb_val_bytes_000001.bin", lambda raw: raw.__setitem__(slice(8, 12), (
+            (len(raw) - 1024) // 2).to_bytes(4, "little")))
+    elif damage == "header":
+        corrupt(data, "fineweb_val_bytes_000000.bin", lambda raw: raw.__setitem__(slice(0, 4), b"\0\0\0\0"))
+    elif damage == "missing":
+        (data / "fineweb_val_bytes_000002.bin").unlink()
+    elif damage == "misnamed":
+        (data / "fineweb_val_bytes_000002.bin").rename(data / "fineweb_val_bytes_000009.bin")
+    elif damage == "bos":
+        corrupt(data, "fineweb_val_bytes_000000.bin", set_count(0, 5))
+    elif damage == "operator":
+        corrupt(data, "fineweb_val_bytes_000000.bin", set_count(first_after_esc(data), 3))
+    elif damage == "huge":
+        corrupt(data, "fineweb_val_bytes_000000.bin", set_count(7, 40000))
+    elif damage == "caseops-without":
+        for f in data.glob("fineweb_val_bytes_*"):
+            f.unlink()
+    else:
+        env["VAL_BYTES_FILES"] = str(data / "nothing_*.bin")
+    with pytest.raises(tg.InputError, match=expected):
+        val_bytes_of(data, **env)
+
+
+def scored_bytes(data: Path, targets: int) -> int:
+    """What the final lines must report: the sidecar's counts of targets 1..N of the validation stream."""
+    return int(stream(data, "val_bytes")[1 : targets + 1].sum())
+
+
+@needs_shared
+def test_caseops_run_end_to_end(datasets, tmp_path):
+    """Training, the periodic eval, export, the round trip, sliding and TTT evals on a CaseOps dataset, then
+    EVAL_ONLY of its artifact: every line's bytes are the sidecar's, and the loss/bpb pair uses them."""
+    data = datasets["caseops"]
+    env = dict(VOCAB_SIZE=str(VOCAB), TOKENIZER_PATH=str(data / "tokenizer.model"), ITERATIONS="8",
+               VAL_LOSS_EVERY="4", WARMDOWN_ITERS="4", TTT_ENABLED="1", TTT_CHUNK_TOKENS="1024", TTT_EPOCHS="1")
+    assert run_in_process(tmp_path / "run", data, **env) == 0
+    log = log_lines(tmp_path / "run")
+    sidecar_line = lines_starting(log, "val_bpb:byte_sidecar")
+    assert len(sidecar_line) == 1 and f"files:{len(list(data.glob('fineweb_val_bytes_*')))} " in sidecar_line[0]
+    finals = [line for line in log if re.match(r"final_int6_\w+_exact ", line)]
+    assert {line.split()[0] for line in finals} == {"final_int6_roundtrip_exact", "final_int6_sliding_window_exact",
+                                                    "final_int6_ttt_exact"}
+    targets = int(TINY_ENV["VAL_MAX_TOKENS"])
+    expected = scored_bytes(data, targets)
+    for line in finals:
+        tokens, nbytes = int(field(line, "tokens")), int(field(line, "bytes"))
+        loss, bpb = float(field(line, "val_loss")), float(field(line, "val_bpb"))
+        assert (tokens, nbytes) == (targets, expected)
+        assert bpb == pytest.approx(loss / math.log(2) * tokens / nbytes, rel=1e-6)
+    sp = load_sp(data / "tokenizer.model")
+    table = tg.token_bytes(torch.from_numpy(stream(data, "val")[: targets + 1]), tg.build_byte_luts(sp, VOCAB))
+    assert int(table.sum()) > expected  # the table would count 3 bytes per operator: not what is scored
+    artifact = tmp_path / "run" / tg.ARTIFACT_PATH
+    assert run_in_process(tmp_path / "eval", data, EVAL_ONLY=str(artifact), RUN_ID="eval", **env) == 0
+    again = [line for line in log_lines(tmp_path / "eval", "eval") if re.match(r"final_int6_\w+_exact ", line)]
+    assert sorted(again) == sorted(finals)
+
+
+@needs_shared
+def test_caseops_and_plain_runs_share_their_denominator(datasets):
+    """Scoring every validation target of each dataset (the same 20 documents, tokenised two ways: 18% more
+    tokens with CaseOps here), bytes come out identical: the documents' UTF-8 bytes. The plain tokenizer's table
+    would give 3 more: the normalised text's."""
+    results = {}
+    for kind, data in datasets.items():
+        tokens = torch.from_numpy(stream(data, "val"))
+        counts = torch.from_numpy(stream(data, "val_bytes")).to(torch.int16)
+        uniform = scorer_of(lambda x: torch.zeros(*x.shape, VOCAB))
+        results[kind] = tg.evaluate(uniform, tokens, counts, 256, 64, 8, 0, 1)
+        if kind == "plain":
+            table = tg.token_bytes(tokens, tg.build_byte_luts(load_sp(data / "tokenizer.model"), VOCAB))
+            results["table"] = tg.evaluate(uniform, tokens, table, 256, 64, 8, 0, 1)
+    original = sum(len(d.encode()) for d in real_docs()[:VAL_DOCS])
+    assert results["caseops"][3] == results["plain"][3] == original == results["table"][3] - 3
+    assert results["caseops"][2] > results["plain"][2]
+    for kind in ("caseops", "plain"):  # uniform predictions: bpb = log2(V) * tokens / bytes, on the same bytes
+        _, bpb, tokens, nbytes = results[kind]
+        assert bpb == pytest.approx(math.log2(VOCAB) * tokens / original, rel=1e-6)
