@@ -55,7 +55,9 @@ except ImportError:
 
 HPARAMS = dict(
     DATA_PATH="./data/datasets/fineweb10B_sp1024",
-    TRAIN_FILES="", VAL_FILES="",  # globs; "" = DATA_PATH/fineweb_{train,val}_*.bin
+    TRAIN_FILES="", VAL_FILES="",  # globs; "" = DATA_PATH/fineweb_train_*.bin, DATA_PATH/fineweb_val_[0-9]*.bin
+    VAL_BYTES_FILES="",  # byte sidecars (each token's bytes of the original text, e.g. CaseOps data); "" = the val
+    # glob's name with fineweb_val_ -> fineweb_val_bytes_, used when such files exist
     TOKENIZER_PATH="./data/tokenizers/fineweb_1024_bpe.model",
     RUN_ID="",  # "" = random UUID4
     SEED=1337,
@@ -134,7 +136,7 @@ def read_hyperparameters(env) -> SimpleNamespace:
     hp = SimpleNamespace(**{n.lower(): parse_value(n, d, env[n]) if n in env else d for n, d in HPARAMS.items()})
     hp.run_id = hp.run_id or str(uuid.uuid4())
     hp.train_glob = hp.train_files or os.path.join(hp.data_path, "fineweb_train_*.bin")
-    hp.val_glob = hp.val_files or os.path.join(hp.data_path, "fineweb_val_*.bin")
+    hp.val_glob = hp.val_files or os.path.join(hp.data_path, "fineweb_val_[0-9]*.bin")  # not fineweb_val_bytes_*
     hp.eval_len = hp.eval_seq_len if hp.eval_seq_len > 0 else hp.train_seq_len
     hp.control_patterns = tuple(p for p in hp.control_tensor_name_patterns.split(",") if p)
     head_dim = hp.model_dim // max(hp.num_heads, 1)
@@ -559,10 +561,20 @@ def load_data_shard(path: str) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,)) if n else np.zeros(0, np.uint16)
 
 
-def resolve_files(pattern: str, variable: str) -> list[str]:
+def is_sidecar(path: str) -> bool:
+    """A byte sidecar by the records' naming (fineweb_val_bytes_000000.bin): its header is a shard's, not its body."""
+    return "_bytes_" in os.path.basename(path)
+
+
+def resolve_files(pattern: str, variable: str, sidecars: bool = False) -> list[str]:
+    """The files the glob matches, sorted; token shards (sidecars=False) must not include a byte sidecar."""
     files = sorted(glob.glob(pattern))
     if not files:
         raise InputError(f"{variable}={pattern}: no files match")
+    if not sidecars and (sidecar := next((f for f in files if is_sidecar(f)), None)):
+        split = "train" if variable == "TRAIN_FILES" else "val"
+        raise InputError(f"{variable}={pattern} matches {sidecar}, a byte sidecar (byte counts, not token ids): use "
+                         f"a glob that leaves it out, e.g. {os.path.dirname(pattern) or '.'}/fineweb_{split}_[0-9]*.bin")
     return files
 
 
@@ -624,6 +636,60 @@ def load_validation_tokens(files: list[str], seq_len: int, max_tokens: int) -> T
         raise InputError(f"validation set {files[0]}...: {len(tokens)} tokens, fewer than one "
                          f"{seq_len}-token sequence + 1")
     return torch.from_numpy(tokens[: usable + 1].astype(np.int64))
+
+
+CASEOPS_OPERATORS = "\ue001\ue002\ue003\ue004"  # TITLE, ALLCAPS, CAPNEXT, ESC: pieces of a CaseOps tokenizer
+
+
+def sidecar_pattern(hp: SimpleNamespace) -> str:
+    """VAL_BYTES_FILES, else the val glob with its file name's fineweb_val_ -> fineweb_val_bytes_ (the records'
+    naming; "" when the name has no fineweb_val_)."""
+    if hp.val_bytes_files:
+        return hp.val_bytes_files
+    folder, name = os.path.split(hp.val_glob)
+    return os.path.join(folder, name.replace("fineweb_val_", "fineweb_val_bytes_", 1)) if "fineweb_val_" in name else ""
+
+
+def validation_bytes(hp: SimpleNamespace, sp: spm.SentencePieceProcessor, luts, val_files: list[str],
+                     val_tokens: Tensor) -> tuple[Tensor, list[str]]:
+    """The bytes of every validation token as a target (int16, aligned with val_tokens, cut as they are) and the
+    sidecar files they came from: the dataset's byte sidecars when it has them (VAL_BYTES_FILES, or found beside
+    the shards by name), one per shard with the same token count, each token's bytes of the original text (CaseOps
+    data needs them: its tokens do not spell the original text); else the tokenizer's table ([] files). A CaseOps
+    tokenizer without sidecars, or a sidecar that disagrees with its shard or with the tokens, is an error."""
+    pattern = sidecar_pattern(hp)
+    files = resolve_files(pattern, "VAL_BYTES_FILES", sidecars=True) if hp.val_bytes_files else \
+        sorted(glob.glob(pattern)) if pattern else []
+    ids = np.array([sp.piece_to_id(op) for op in CASEOPS_OPERATORS])
+    ops = ids[[sp.id_to_piece(int(i)) == op for i, op in zip(ids, CASEOPS_OPERATORS)]]
+    if not files:
+        if len(ops):
+            raise InputError(f"TOKENIZER_PATH={hp.tokenizer_path} is a CaseOps tokenizer (it has the case operators "
+                             f"U+E001-U+E004), whose tokens do not spell the original text, and no byte sidecar "
+                             f"matches {pattern or 'VAL_BYTES_FILES'}: set VAL_BYTES_FILES to its fineweb_val_bytes_*.bin")
+        return token_bytes(val_tokens, luts), []
+    if len(files) != len(val_files):
+        raise InputError(f"VAL_BYTES_FILES={pattern}: {len(files)} byte sidecars for {len(val_files)} validation "
+                         f"shards (VAL_FILES={hp.val_glob}); expected one per shard")
+    for shard, sidecar in zip(val_files, files):
+        if not hp.val_bytes_files and os.path.basename(sidecar) != \
+                os.path.basename(shard).replace("fineweb_val_", "fineweb_val_bytes_", 1):
+            raise InputError(f"{sidecar}: not the byte sidecar of {shard} by name; set VAL_BYTES_FILES explicitly")
+        if (n := read_shard_header(sidecar)) != (tokens := read_shard_header(shard)):
+            raise InputError(f"{sidecar}: {n} byte counts, but its shard {shard} holds {tokens} tokens")
+    counts = np.concatenate([load_data_shard(f) for f in files])[: len(val_tokens)].astype(np.int32)
+    tokens = val_tokens.numpy()
+    zero = np.array([sp.is_control(i) for i in range(sp.vocab_size())])
+    literal = np.r_[False, tokens[:-1] == ops[-1]] & (counts == 3) if len(ops) == 4 else np.zeros(len(tokens), bool)
+    for bad, why in [(counts > torch.iinfo(torch.int16).max, "more bytes than one token can stand for"),
+                     (zero[tokens] & (counts != 0), "a control token (BOS) stands for no text"),
+                     (np.isin(tokens, ops) & (counts != 0) & ~literal, "a case operator stands for no text (only "
+                      "one escaped by ESC, 3 bytes)")]:
+        if bad.any():
+            at = int(np.flatnonzero(bad)[0])
+            raise InputError(f"VAL_BYTES_FILES={pattern}: validation token {at} (id {tokens[at]}, "
+                             f"{sp.id_to_piece(int(tokens[at]))!r}) has {counts[at]} bytes: {why}")
+    return torch.from_numpy(counts.astype(np.int16)), files
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2471,6 +2537,7 @@ def main() -> int:
     val_files = resolve_files(hp.val_glob, "VAL_FILES")
     val_tokens = load_validation_tokens(val_files, max(hp.train_seq_len, hp.eval_len), hp.val_max_tokens)
     check_token_ids(val_tokens.numpy(), hp.vocab_size, f"VAL_FILES={hp.val_glob}")
+    val_token_bytes, sidecars = validation_bytes(hp, sp, luts, val_files, val_tokens)
     train_files, artifact_state = [], None
     if hp.eval_only:
         artifact_state = read_artifact(hp.eval_only, build_model(hp, torch.device("cpu")).state_dict())
@@ -2502,6 +2569,12 @@ def main() -> int:
     if hp.val_max_tokens:
         log(f"val_subset:VAL_MAX_TOKENS={hp.val_max_tokens} scores below are subset scores, not submission scores")
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
+    if sidecars:
+        log(f"val_bpb:byte_sidecar files:{len(sidecars)} pattern={sidecar_pattern(hp)} "
+            f"bytes:{int(val_token_bytes.sum())} (each target's bytes of the original text, from the dataset)")
+    else:
+        log(f"val_bpb:byte_table bytes:{int(val_token_bytes.sum())} (no byte sidecar matches "
+            f"{sidecar_pattern(hp) or 'VAL_BYTES_FILES'})")
     log(f"val_loader:shards pattern={hp.val_glob} tokens:{len(val_tokens) - 1}")
     log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum}")
     log(f"attention_backend:{ATTENTION} compile:{rt.compile or 0} device:{rt.device.type} reason:{why}")
@@ -2516,7 +2589,7 @@ def main() -> int:
     torch.manual_seed(hp.seed)
 
     val = val_tokens.to(rt.device, torch.int32)  # on the device once per run; int32 halves its memory
-    val_bytes = token_bytes(val_tokens, luts).to(rt.device)
+    val_bytes = val_token_bytes.to(rt.device)
     progress = SimpleNamespace(step=0, train_ms=0.0, artifact=None, earlier=False, partial=None, reported=False)
     signal.signal(signal.SIGTERM, interrupt)  # how torchrun stops its workers after a Ctrl-C
     try:

@@ -85,10 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         hp = tg.read_hyperparameters({**env, "COMPILE": env.get("COMPILE", "0"), "RUN_ID": "quant_error"})
         rt = tg.runtime(hp)
         tg.ACT_DTYPE = rt.precision
-        luts = tg.build_byte_luts(tg.load_tokenizer(hp.tokenizer_path, hp.vocab_size), hp.vocab_size)
-        tokens = tg.load_validation_tokens(tg.resolve_files(hp.val_glob, "VAL_FILES"), hp.train_seq_len,
-                                           hp.val_max_tokens)
-        val, val_bytes = tokens.to(rt.device, torch.int32), tg.token_bytes(tokens, luts).to(rt.device)
+        sp = tg.load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+        luts = tg.build_byte_luts(sp, hp.vocab_size)
+        val_files = tg.resolve_files(hp.val_glob, "VAL_FILES")
+        tokens = tg.load_validation_tokens(val_files, hp.train_seq_len, hp.val_max_tokens)
+        token_bytes, _ = tg.validation_bytes(hp, sp, luts, val_files, tokens)  # the dataset's sidecar when it has one
+        val, val_bytes = tokens.to(rt.device, torch.int32), token_bytes.to(rt.device)
         train_files = tg.resolve_files(hp.train_glob, "TRAIN_FILES")
     except tg.InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,10 +3,12 @@
     python data/cached_challenge_fineweb.py --variant sp1024 [--train-shards 80] [--out DIR] [--repo-id REPO]
 
 The repository (--repo-id, else $MATCHED_FINEWEB_REPO_ID, else willdepueoai/parameter-golf; the SP4096 and SP8192
-exports are in kevclark/parameter-golf) holds, under datasets/:
+exports are in kevclark/parameter-golf, the CaseOps one, variant sp8192_lossless_caps_caseops_v1_reserved, in
+romeerp/parameter-golf-caseops-v1) holds, under datasets/:
 
     datasets/manifest.json
     datasets/datasets/fineweb10B_<variant>/fineweb_val_000000.bin ... fineweb_train_000000.bin ...
+                                          (fineweb_val_bytes_000000.bin ...: byte sidecars, when the manifest says)
     datasets/tokenizers/<the tokenizer files the manifest names>
 
 and the local copy mirrors that folder under --out (default: the folder holding this script): shards in
@@ -14,7 +16,8 @@ and the local copy mirrors that folder under --out (default: the folder holding 
 The manifest is read as
 
     {"datasets":   [{"name": "fineweb10B_sp1024", "tokenizer_name": "fineweb_1024_bpe",
-                     "stats": {"files_val": <count>, "files_train": <count>}}, ...],
+                     "stats": {"files_val": <count>, "files_train": <count>},
+                     "val_bytes_glob": "<any>"  (optional: one byte sidecar per val shard)}, ...],
      "tokenizers": [{"name": "fineweb_1024_bpe", "model_path": "tokenizers/fineweb_1024_bpe.model",
                      "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}, ...]}
 
@@ -122,8 +125,9 @@ def fetch_manifest(root: Path, repo: str) -> dict:
 
 
 def plan(manifest: dict, repo: str, variant: str, train_shards: int) -> list[str]:
-    """The files of `variant` to have locally, relative to REMOTE: every val shard, the first `train_shards` train
-    shards and the tokenizer files. DownloadError naming the repository when its manifest cannot provide them."""
+    """The files of `variant` to have locally, relative to REMOTE: every val shard (and its byte sidecar when the
+    manifest's entry has val_bytes_glob, as the CaseOps export's does), the first `train_shards` train shards and the
+    tokenizer files. DownloadError naming the repository when its manifest cannot provide them."""
     def entry(kind: str, name: str) -> dict | None:
         items = manifest.get(kind)
         return next((e for e in items if isinstance(e, dict) and e.get("name") == name), None) \
@@ -147,8 +151,24 @@ def plan(manifest: dict, repo: str, variant: str, train_shards: int) -> list[str
         raise DownloadError(f"{repo}: the manifest names no tokenizer file inside the export for {variant} "
                             f"(tokenizer {dataset['tokenizer_name']!r}: {files})")
     shards = f"datasets/fineweb10B_{variant}"
-    return ([f"{shards}/fineweb_val_{i:06d}.bin" for i in range(n_val)]
+    sidecars = [f"{shards}/fineweb_val_bytes_{i:06d}.bin" for i in range(n_val)] if dataset.get("val_bytes_glob") else []
+    return ([f"{shards}/fineweb_val_{i:06d}.bin" for i in range(n_val)] + sidecars
             + [f"{shards}/fineweb_train_{i:06d}.bin" for i in range(train_shards)] + files)
+
+
+def token_count(path: Path) -> int:
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(12)[8:12], "little", signed=True)
+
+
+def check_sidecars(repo: str, wanted: list[str], where: dict[str, Path]) -> None:
+    """Each byte sidecar holds as many counts as its val shard holds tokens (files at `where`, else local)."""
+    for rel in (r for r in wanted if "/fineweb_val_bytes_" in r):
+        shard = rel.replace("/fineweb_val_bytes_", "/fineweb_val_")
+        n_counts, n_tokens = (token_count(where[r]) for r in (rel, shard))
+        if n_counts != n_tokens:
+            raise DownloadError(f"{repo}: {REMOTE}/{rel} holds {n_counts} byte counts but its shard {shard} "
+                                f"{n_tokens} tokens")
 
 
 def check_writable(root: Path) -> None:
@@ -171,6 +191,7 @@ def download(root: Path, repo: str, variant: str, train_shards: int) -> None:
     print(f"{variant} from {repo}: {len(wanted) - len(todo)} of {len(wanted)} files complete in {root}, "
           f"{len(todo)} to download")
     if not todo:
+        check_sidecars(repo, wanted, {rel: root / rel for rel in wanted})
         return
     check_writable(root)
     fetched = fetch(repo, todo)
@@ -179,15 +200,20 @@ def download(root: Path, repo: str, variant: str, train_shards: int) -> None:
     for rel in bad:
         if problem := shard_problem(fetched[rel]):
             raise DownloadError(f"{repo}: downloaded {REMOTE}/{rel} is not a valid shard ({problem})")
+    check_sidecars(repo, wanted, {**{rel: root / rel for rel in wanted}, **fetched})
     for rel in todo:  # only once every file of the batch is known good
         place(fetched[rel], root / rel)
-    print(f"shards in {root / 'datasets' / f'fineweb10B_{variant}'}, tokenizer in {root / 'tokenizers'}")
+    sidecars = sum("/fineweb_val_bytes_" in rel for rel in wanted)
+    print(f"shards{f' and {sidecars} byte sidecars' if sidecars else ''} in "
+          f"{root / 'datasets' / f'fineweb10B_{variant}'}, tokenizer in {root / 'tokenizers'}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Download the challenge FineWeb export (every validation shard, the "
-                                "first N training shards, the tokenizer) from the Hugging Face hub.")
-    p.add_argument("--variant", default="sp1024", help="tokenizer family, e.g. sp1024, sp8192 (default: %(default)s)")
+    p = argparse.ArgumentParser(description="Download the challenge FineWeb export (every validation shard and, "
+                                "where the export has them, its byte sidecar; the first N training shards; the "
+                                "tokenizer) from the Hugging Face hub.")
+    p.add_argument("--variant", default="sp1024", help="tokenizer family, e.g. sp1024, sp8192, "
+                   "sp8192_lossless_caps_caseops_v1_reserved (CaseOps, with byte sidecars) (default: %(default)s)")
     p.add_argument("--train-shards", type=int, default=80, metavar="N",
                    help="training shards to fetch, 100M tokens each (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, metavar="DIR",

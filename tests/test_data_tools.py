@@ -3,6 +3,7 @@
 against a loopback server that speaks enough of the hub's protocol."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import http.server
 import io
@@ -213,7 +214,7 @@ def test_a_token_id_beyond_uint16_writes_nothing(tmp_path, tiny_model, capsys, m
         def encode(self, texts: list[str], **_: Any) -> list[list[int]]:
             return [[70000 if "boom" in t else 5] for t in texts]
 
-    monkeypatch.setattr(ms, "load_tokenizer", lambda path: HugeVocab())
+    monkeypatch.setattr(ms, "load_tokenizer", lambda path, is_caseops: HugeVocab())
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("unrelated")
@@ -548,3 +549,65 @@ def test_download_through_the_real_client(tmp_path, tiny_model):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the CaseOps export (romeerp/parameter-golf-caseops-v1): a byte sidecar beside every validation shard
+
+CASEOPS_REPO, CASEOPS_VARIANT = "romeerp/parameter-golf-caseops-v1", "sp8192_lossless_caps_caseops_v1_reserved"
+CASEOPS_TOKENIZER = "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved"
+
+
+def publish_caseops(root: Path, tokenizer: Path, n_train: int = 3, sidecar_tokens: int = 444) -> Path:
+    """The CaseOps export's layout (LINEAGE_TTT_CASEOPS §3.5): its tokenizer, one val shard with its byte sidecar
+    (the manifest's entry names val_bytes_glob), N train shards."""
+    rng = np.random.default_rng(2)
+    shards = root / "datasets" / "datasets" / f"fineweb10B_{CASEOPS_VARIANT}"
+    shards.mkdir(parents=True)
+    ms.write_shard(shards / "fineweb_val_000000.bin", rng.integers(0, 8192, 444))
+    ms.write_shard(shards / "fineweb_val_bytes_000000.bin", rng.integers(0, 5, sidecar_tokens))
+    for i in range(n_train):
+        ms.write_shard(shards / f"fineweb_train_{i:06d}.bin", rng.integers(0, 8192, 900 + i))
+    (root / "datasets" / "tokenizers").mkdir()
+    shutil.copyfile(tokenizer, root / "datasets" / "tokenizers" / f"{CASEOPS_TOKENIZER}.model")
+    (root / "datasets" / "tokenizers" / f"{CASEOPS_TOKENIZER}.vocab").write_text("<pad>\t0\n")
+    manifest = {"datasets": [{"name": f"fineweb10B_{CASEOPS_VARIANT}", "tokenizer_name": CASEOPS_TOKENIZER,
+                              "stats": {"docs_val": 50000, "files_val": 1, "files_train": n_train},
+                              "val_bytes_glob": f"datasets/fineweb10B_{CASEOPS_VARIANT}/fineweb_val_bytes_*.bin"}],
+                "tokenizers": [{"name": CASEOPS_TOKENIZER, "model_path": f"tokenizers/{CASEOPS_TOKENIZER}.model",
+                                "vocab_path": f"tokenizers/{CASEOPS_TOKENIZER}.vocab"}]}
+    (root / "datasets" / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_caseops_variant_with_its_sidecars(tmp_path, hub, capsys):
+    hub.repos[CASEOPS_REPO] = publish_caseops(tmp_path / "hub_caseops", hub.repos[ccf.DEFAULT_REPO] / "datasets" /
+                                              "tokenizers" / "fineweb_1024_bpe.model")
+    out = tmp_path / "data"
+    assert download(out, "--repo-id", CASEOPS_REPO, "--variant", CASEOPS_VARIANT, "--train-shards", "2") == 0
+    d = f"datasets/fineweb10B_{CASEOPS_VARIANT}"
+    assert local_files(out) == sorted([
+        "manifest.json", f"{d}/fineweb_val_000000.bin", f"{d}/fineweb_val_bytes_000000.bin",
+        f"{d}/fineweb_train_000000.bin", f"{d}/fineweb_train_000001.bin",
+        f"tokenizers/{CASEOPS_TOKENIZER}.model", f"tokenizers/{CASEOPS_TOKENIZER}.vocab"])
+    assert same_as(out, hub.repos[CASEOPS_REPO]) and "and 1 byte sidecars in" in capsys.readouterr().out
+    hp = tg.read_hyperparameters({"DATA_PATH": str(out / d)})  # the script's default globs on that folder
+    assert tg.resolve_files(hp.val_glob, "VAL_FILES") == [str(out / d / "fineweb_val_000000.bin")]
+    assert sorted(glob.glob(tg.sidecar_pattern(hp))) == [str(out / d / "fineweb_val_bytes_000000.bin")]
+    hub.calls.clear()
+    assert download(out, "--repo-id", CASEOPS_REPO, "--variant", CASEOPS_VARIANT, "--train-shards", "2") == 0
+    assert hub.calls == []
+    (out / d / "fineweb_val_bytes_000000.bin").unlink()  # a lost sidecar is fetched again, alone
+    assert download(out, "--repo-id", CASEOPS_REPO, "--variant", CASEOPS_VARIANT, "--train-shards", "2") == 0
+    assert hub.fetched() == [f"datasets/{d}/fineweb_val_bytes_000000.bin"] and same_as(out, hub.repos[CASEOPS_REPO])
+
+
+def test_a_sidecar_that_does_not_match_its_shard_is_refused(tmp_path, hub, capsys):
+    hub.repos[CASEOPS_REPO] = publish_caseops(tmp_path / "hub_caseops", hub.repos[ccf.DEFAULT_REPO] / "datasets" /
+                                              "tokenizers" / "fineweb_1024_bpe.model", sidecar_tokens=443)
+    out = tmp_path / "data"
+    assert download(out, "--repo-id", CASEOPS_REPO, "--variant", CASEOPS_VARIANT, "--train-shards", "1") == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "fineweb_val_bytes_000000.bin holds 443 byte counts but its shard" in line and "444 tokens" in line
+    assert not list(out.glob("datasets/*/*.bin")) and not (out / "tokenizers").exists()
+    no_leftovers(out)

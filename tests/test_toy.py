@@ -96,7 +96,8 @@ def as_pattern(line: str) -> str:
 
 
 # What a fresh clone has that the first run needs (a stricter copy than a clone: nothing else may be needed).
-CLONE_FILES = ("train_gpt.py", "requirements.txt", *make_toy.CORPUS, "data/make_toy.py", "data/make_shards.py")
+CLONE_FILES = ("train_gpt.py", "requirements.txt", *make_toy.CORPUS, "data/make_toy.py", "data/make_shards.py",
+               "data/caseops.py")
 
 
 def test_the_readme_cpu_example_runs_as_written_on_a_fresh_copy(tmp_path):
