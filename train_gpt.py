@@ -32,6 +32,7 @@ import uuid
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -621,6 +622,33 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     return (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(b, t, h, d)
 
 
+class LoRA(NamedTuple):
+    """Per-row low-rank adapter of one projection (LoRA TTT): row i of a batch adds (x A_i^T) B_i^T * scale."""
+    a: Tensor  # (rows, rank, in)
+    b: Tensor  # (rows, out, rank)
+    scale: float  # alpha / rank
+
+
+class SlotLoRA(NamedTuple):
+    """The adapters of one virtual layer (a physical layer's pass): Q, K and V on the attention's normed input; O and
+    MLP bypasses from the normed inputs of the attention and of the MLP, added to their outputs."""
+    q: LoRA
+    k: LoRA
+    v: LoRA
+    o: LoRA
+    mlp: LoRA
+
+
+class Adapters(NamedTuple):
+    """Per-document adapters of a batch (one document per row): one SlotLoRA per virtual layer, and the head's."""
+    slots: tuple[SlotLoRA, ...]
+    head: LoRA
+
+
+def low_rank(x: Tensor, lora: LoRA) -> Tensor:
+    return (x @ lora.a.to(x.dtype).transpose(1, 2)) @ lora.b.to(x.dtype).transpose(1, 2) * lora.scale
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, xsa: bool):
         super().__init__()
@@ -631,16 +659,20 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, lora: SlotLoRA | None = None) -> Tensor:
         b, t, _ = x.shape
-        q = self.c_q(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        if lora is not None:
+            q, k, v = q + low_rank(x, lora.q), k + low_rank(x, lora.k), v + low_rank(x, lora.v)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
         y = causal_attention(q * self.q_gain.to(q.dtype)[:, None], k, v)
         if self.xsa:
             y = exclude_self_value(y, v)
-        return self.proj(y.reshape(b, t, -1))
+        out = self.proj(y.reshape(b, t, -1))
+        return out if lora is None else out + low_rank(x, lora.o)
 
 
 class MLP(nn.Module):
@@ -684,26 +716,33 @@ class Block(nn.Module):
     def mlp_of_pass(self, k: int) -> MLP:
         return self.loop_mlps[k - 1] if k and self.loop_mlps is not None else self.mlp
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, mlp: MLP | None = None) -> Tensor:
+    def mlp_out(self, mlp: MLP, h: Tensor, lora: SlotLoRA | None) -> Tensor:
+        """The MLP's output from its normed input h, plus the adapter's bypass from h when there is one."""
+        return mlp(h) if lora is None else mlp(h) + low_rank(h, lora.mlp)
+
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, mlp: MLP | None = None,
+                lora: SlotLoRA | None = None) -> Tensor:
         """`mlp`: the MLP of this pass (default: the block's own), chosen by the caller, so that under compile a pass
-        is an input of the block's graph, not a constant of a graph of its own."""
+        is an input of the block's graph, not a constant of a graph of its own; likewise `lora`, this pass's
+        per-document adapters (LoRA TTT; None: the plain block)."""
         mlp, mix = self.mlp if mlp is None else mlp, self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         if self.parallel == "gptj":
             h = self.norm(x)
-            return x + self.attn_scale.to(x.dtype) * self.attn(h, cos, sin) + self.mlp_scale.to(x.dtype) * mlp(h)
-        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), cos, sin)
-        return x + self.mlp_scale.to(x.dtype) * mlp(self.norm(x))
+            return (x + self.attn_scale.to(x.dtype) * self.attn(h, cos, sin, lora)
+                    + self.mlp_scale.to(x.dtype) * self.mlp_out(mlp, h, lora))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), cos, sin, lora)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp_out(mlp, self.norm(x), lora)
 
     def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor, cos: Tensor, sin: Tensor,
-                      mlp: MLP | None = None) -> tuple[Tensor, Tensor]:
+                      mlp: MLP | None = None, lora: SlotLoRA | None = None) -> tuple[Tensor, Tensor]:
         """The two-lane parallel block of the 1.1063 record: attention reads lane 0, the MLP lane 1 (after the
         attention output was added to it), each output is added to both lanes with learned weights."""
         l0, l1, mlp = *lanes, self.mlp if mlp is None else mlp
         mix, r, post = (t.to(l0.dtype) for t in (self.resid_mix, self.lane_resid, self.lane_post))
-        a = self.attn_scale.to(l0.dtype) * self.attn(self.norm(mix[0] * l0 + mix[1] * x0), cos, sin)
+        a = self.attn_scale.to(l0.dtype) * self.attn(self.norm(mix[0] * l0 + mix[1] * x0), cos, sin, lora)
         l0, l1 = r[0] * l0 + post[0, 0] * a, r[0] * l1 + post[0, 1] * a
-        m = self.mlp_scale.to(l0.dtype) * mlp(self.norm(mix[0] * l1 + mix[1] * x0))
+        m = self.mlp_scale.to(l0.dtype) * self.mlp_out(mlp, self.norm(mix[0] * l1 + mix[1] * x0), lora)
         return r[1] * l0 + post[1, 0] * m, r[1] * l1 + post[1, 1] * m
 
 
@@ -780,7 +819,8 @@ class GPT(nn.Module):
             x = x + self.bigram(ids, x.dtype)
         return self.smear(rms_norm(x)), cos, sin
 
-    def hidden(self, ids: Tensor) -> Tensor:
+    def hidden(self, ids: Tensor, adapters: Adapters | None = None) -> Tensor:
+        """The final hidden states; `adapters`: per-document adapters, one per virtual layer, or None."""
         x0, cos, sin = self.embed(ids)
         x, order = x0.view_as(x0), self.virtual_layers()  # not x0 itself: a compiled block would specialise on it
         encoder, skips, lanes = len(order) // 2, [], None
@@ -791,11 +831,11 @@ class GPT(nn.Module):
                     x = self.add_skip(i - encoder, x, skip)
                 else:
                     lanes = tuple(self.add_skip(i - encoder, lane, skip) for lane in lanes)
-            block = self.blocks[layer]
+            block, lora = self.blocks[layer], None if adapters is None else adapters.slots[i]
             if block.parallel == "lanes":
-                lanes = block.forward_lanes(lanes or (x, x.view_as(x)), x0, cos, sin, block.mlp_of_pass(k))
+                lanes = block.forward_lanes(lanes or (x, x.view_as(x)), x0, cos, sin, block.mlp_of_pass(k), lora)
             else:
-                x = block(x, x0, cos, sin, block.mlp_of_pass(k))
+                x = block(x, x0, cos, sin, block.mlp_of_pass(k), lora)
             if i < encoder:
                 skips.append(x)
         return rms_norm(x if lanes is None else (lanes[0] + lanes[1]) / 2)
@@ -830,14 +870,17 @@ class GPT(nn.Module):
     def embedding_tables(self) -> list[nn.Parameter]:
         return [self.tok_emb.weight] + ([self.bigram.embed.weight] if self.bigram is not None else [])
 
-    def logits(self, x: Tensor) -> Tensor:
-        """The tied head (the token embedding) with a tanh softcap, in fp32."""
+    def logits(self, x: Tensor, head: LoRA | None = None) -> Tensor:
+        """The tied head (the token embedding) with a tanh softcap, in fp32; `head`: a per-row adapter added to the
+        raw logits (LoRA TTT)."""
         raw = F.linear(x, self.tok_emb.weight.to(x.dtype))
+        if head is not None:
+            raw = raw + low_rank(x, head)
         return self.softcap * torch.tanh(raw.float() / self.softcap)
 
-    def loss(self, x: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    def loss(self, x: Tensor, targets: Tensor, reduction: str = "mean", head: LoRA | None = None) -> Tensor:
         """Cross-entropy of the targets from the final hidden states x (reduction "none": per position)."""
-        return F.cross_entropy(self.logits(x).flatten(0, 1), targets.flatten(), reduction=reduction)
+        return F.cross_entropy(self.logits(x, head).flatten(0, 1), targets.flatten(), reduction=reduction)
 
     def objective(self, x: Tensor, targets: Tensor) -> Tensor:
         """The training loss: the mean cross-entropy (a region compiled apart from the evaluations' per-position
