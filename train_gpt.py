@@ -188,14 +188,15 @@ def read_hyperparameters(env) -> SimpleNamespace:
          "TTT_EPOCHS, TTT_LR and TTT_MOMENTUM must be >= 0 and TTT_FREEZE_BLOCKS in [0, NUM_LAYERS]"),
         (min(hp.ttt_lora_rank, hp.ttt_lora_chunk, hp.ttt_lora_batch_docs, hp.ttt_lora_lanes) >= 1,
          "TTT_LORA_RANK, TTT_LORA_CHUNK, TTT_LORA_BATCH_DOCS and TTT_LORA_LANES must be >= 1"),
-        (hp.ttt_lora_chunk <= hp.eval_len, f"TTT_LORA_CHUNK={hp.ttt_lora_chunk} must fit EVAL_SEQ_LEN={hp.eval_len}"),
+        (not hp.ttt_lora_enabled or hp.ttt_lora_chunk <= hp.eval_len,
+         f"TTT_LORA_CHUNK={hp.ttt_lora_chunk} must fit EVAL_SEQ_LEN={hp.eval_len}"),
         (hp.ttt_lora_alpha > 0 and hp.ttt_lora_eps > 0, "TTT_LORA_ALPHA and TTT_LORA_EPS must be positive"),
         (min(hp.ttt_lora_lr, hp.ttt_lora_wd, hp.ttt_lora_max_seconds, hp.ttt_lora_phases, hp.ttt_lora_prefix_docs,
              hp.ttt_lora_global_lr) >= 0, "TTT_LORA_LR, TTT_LORA_WD, TTT_LORA_MAX_SECONDS, TTT_LORA_PHASES, "
          "TTT_LORA_PREFIX_DOCS and TTT_LORA_GLOBAL_LR must be >= 0"),
         (all(0 <= b < 1 for b in (hp.ttt_lora_beta1, hp.ttt_lora_beta2, hp.ttt_lora_global_momentum)),
          "TTT_LORA_BETA1, TTT_LORA_BETA2 and TTT_LORA_GLOBAL_MOMENTUM must lie in [0, 1)"),
-        (hp.ttt_lora_global_tokens >= hp.eval_len and hp.ttt_lora_global_clip > 0,
+        ((hp.ttt_lora_global_tokens >= hp.eval_len or not hp.ttt_lora_enabled) and hp.ttt_lora_global_clip > 0,
          f"TTT_LORA_GLOBAL_TOKENS={hp.ttt_lora_global_tokens} must hold one EVAL_SEQ_LEN={hp.eval_len} sequence and "
          "TTT_LORA_GLOBAL_CLIP be positive"),
         (hp.attention == "auto" or hp.attention in ATTENTION_KERNELS,

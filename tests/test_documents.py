@@ -414,11 +414,14 @@ def test_processing_order_is_longest_batches_first_shortest_rows_first():
 
 
 def test_bad_settings_are_input_errors():
+    tg.read_hyperparameters({"EVAL_SEQ_LEN": "32"})  # the modes' shapes are checked only when they run
     for env, message in [({"TTT_LORA_RANK": "0"}, "TTT_LORA_RANK, TTT_LORA_CHUNK"),
-                         ({"TTT_LORA_CHUNK": "4096"}, "TTT_LORA_CHUNK=4096 must fit EVAL_SEQ_LEN=2048"),
+                         ({"TTT_LORA_CHUNK": "4096", "TTT_LORA_ENABLED": "1"},
+                          "TTT_LORA_CHUNK=4096 must fit EVAL_SEQ_LEN=2048"),
                          ({"TTT_LORA_BETA2": "1"}, "TTT_LORA_BETA1, TTT_LORA_BETA2"),
                          ({"TTT_LORA_LR": "-1"}, "TTT_LORA_LR, TTT_LORA_WD"),
-                         ({"TTT_LORA_GLOBAL_TOKENS": "1000"}, "TTT_LORA_GLOBAL_TOKENS=1000 must hold one"),
+                         ({"TTT_LORA_GLOBAL_TOKENS": "1000", "TTT_LORA_ENABLED": "1"},
+                          "TTT_LORA_GLOBAL_TOKENS=1000 must hold one"),
                          ({"TTT_LORA_ALPHA": "0"}, "TTT_LORA_ALPHA and TTT_LORA_EPS"),
                          ({"DOCS_EVAL": "yes"}, "DOCS_EVAL='yes' is not a valid bool")]:
         with pytest.raises(tg.InputError, match=message):
@@ -561,3 +564,25 @@ def test_every_document_graph_is_compiled_before_the_timed_evaluations(tmp_path,
     assert any(line.startswith("final_int6_lora_ttt_exact") for line in lines)
     assert graphs["primed"] > 0 and counters["stats"]["unique_graphs"] == graphs["primed"]
     torch._dynamo.reset()
+
+
+def test_document_plan_counts_the_positions_each_mode_computes(tmp_path):
+    """bench/document_plan.py on 40 documents of 64 targets, window 64, chunks of 16, batches of 4: LoRA's windows
+    are 16, 32, 48 and 64 tokens (padded to 16, 32, 64, 64): 2.5 real and 2.75 computed positions per target; the
+    document mode one 64-token window per document; the sliding eval (stride 16) 64 per 16 targets."""
+    import sys
+
+    import numpy as np
+
+    from make_shards import write_shard
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import document_plan
+
+    write_shard(tmp_path / "val.bin", np.concatenate([[tg.BOS_ID] + [5] * 63] * 40 + [[tg.BOS_ID]]))
+    lines = document_plan.main([str(tmp_path / "val.bin"), "--", "EVAL_SEQ_LEN=64", "TRAIN_SEQ_LEN=64",
+                                "EVAL_STRIDE=16", "TTT_LORA_CHUNK=16", "TTT_LORA_BATCH_DOCS=4", "VAL_BATCH_SIZE=4096"])
+    assert lines[0].startswith("targets:2560 docs:40 window:64 stride:16")
+    assert lines[1] == f"sliding per_target:{((2560 - 64) // 16 + 1) * 64 / 2560:.2f}"
+    assert lines[2] == "docs per_target:1.00 positions:2560 padding:0.000"
+    assert lines[3] == "lora per_target:2.75 real:2.50 padding:0.091 chunk_steps:40"
