@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> list[str]:
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         drawn = [(int(s), int(s + n)) for s, n in zip(starts, lengths)]
         computed, real, steps = lora_positions(drawn, hp)
-        lines.append(f"lora resampled docs:{args.resample} targets:{int(lengths.sum())} per_target:"
-                     f"{computed / lengths.sum():.2f} real:{real / lengths.sum():.2f} padding:{1 - real / computed:.3f}")
+        drawn_total = int(lengths.sum())
+        lines.append(f"lora resampled docs:{args.resample} targets:{drawn_total} per_target:"
+                     f"{computed / drawn_total:.2f} real:{real / drawn_total:.2f} padding:{1 - real / computed:.3f}")
     for line in lines:
         print(line)
     return lines

@@ -17,9 +17,10 @@ and no `budget:exceeded` line; the full validation set (no `val_subset:` line, n
 training run, not an EVAL_ONLY re-score; one and the same script embedded in every log; the same hyperparameters
 and distinct seeds; at least 3 seeds for a record. A record with a failure is not written (exit 1); --non-record
 writes it anyway and lists the failures. The score is the most adapted legal score the logs have:
-`final_int6_lora_ttt_exact` (phased LoRA TTT), else `final_int6_ttt_exact`, else `final_int6_sliding_window_exact`. With --sota-loss/--sota-bpb, the challenge's significance test (beat SOTA by >= 0.005 nats
-at p < 0.01, scipy's one-sided one-sample t-test) is printed and stored; it never blocks. Bad input: one `error:`
-line, exit 2, nothing written.
+`final_int6_lora_ttt_exact` (phased LoRA TTT), else `final_int6_ttt_exact`, else `final_int6_sliding_window_exact`.
+With --sota-loss/--sota-bpb, the challenge's significance test (beat SOTA by >= 0.005 nats at p < 0.01, scipy's
+one-sided one-sample t-test) is printed and stored; it never blocks. Bad input: one `error:` line, exit 2, nothing
+written.
 """
 from __future__ import annotations
 

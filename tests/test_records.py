@@ -314,7 +314,8 @@ def test_lora_ttt_line_takes_precedence_over_ttt_and_sliding(seeds, tmp_path):
     readme = (d / "README.md").read_text()
     assert "| Sliding val_bpb | LoRA TTT val_bpb |" in readme and "(phased per-document LoRA TTT, mean of 3" in readme
     one = runlog.parse(lora_lines(6.0)("final_int6_sliding_window_exact x\n").encode(), Path("x.txt"))
-    assert one.num("final_int6_lora_ttt_exact", "val_loss") == 6.0 and one.num("final_int6_docs_exact", "tokens") == 4096
+    assert one.num("final_int6_lora_ttt_exact", "val_loss") == 6.0
+    assert one.num("final_int6_docs_exact", "tokens") == 4096
 
 
 def test_gptq_total_is_the_training_time(seeds, tmp_path):
