@@ -32,6 +32,7 @@ import uuid
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -89,6 +90,20 @@ HPARAMS = dict(
     TTT_ENABLED=False,  # legal score-first test-time training after the final evals
     TTT_CHUNK_TOKENS=32768, TTT_EPOCHS=3, TTT_LR=0.002, TTT_MOMENTUM=0.9, TTT_FREEZE_BLOCKS=0,
     TTT_MAX_SECONDS=300.0,  # cap on TTT's training time, after which chunks are only scored; 0 = no cap
+    # The April records' evaluation (LINEAGE_TTT_CASEOPS.md §1); the defaults are PR #1855's (1.0611, R27 and its
+    # run command: rank 80, TTT beta2 0.99, TTT WD 0.5, prefix 2500 docs, 3 phases; the rest as in PR #1626/#1767).
+    DOCS_EVAL=False,  # document-isolated scoring: the sliding eval's windows (EVAL_STRIDE) inside each document
+    TTT_LORA_ENABLED=False,  # score-first per-document LoRA TTT with global SGD phases
+    TTT_LORA_RANK=80, TTT_LORA_ALPHA=144.0,  # adapters' rank; their output scaled by alpha / rank
+    TTT_LORA_CHUNK=48,  # a document's targets scored, then trained on, this many at a time
+    TTT_LORA_BATCH_DOCS=64,  # documents per batch, one per row
+    TTT_LORA_LR=1e-4, TTT_LORA_BETA1=0.0, TTT_LORA_BETA2=0.99, TTT_LORA_EPS=1e-10, TTT_LORA_WD=0.5,  # AdamW
+    TTT_LORA_WARM_A=True,  # A carried from batch to batch along a lane (B restarts at 0); 0 = A redrawn per batch
+    TTT_LORA_LANES=8,  # warm-start chains, dealt to ranks: the records' one chain per GPU of 8, for any rank count
+    TTT_LORA_MAX_SECONDS=0.0,  # agreed time after which documents are scored without adapting; 0 = no cap
+    TTT_LORA_PHASES=3, TTT_LORA_PREFIX_DOCS=2500,  # global SGD after PREFIX_DOCS * k / PHASES documents, k = 1..PHASES
+    TTT_LORA_GLOBAL_LR=1e-3, TTT_LORA_GLOBAL_MOMENTUM=0.9,  # SGD, cosine over each phase's steps
+    TTT_LORA_GLOBAL_TOKENS=32768, TTT_LORA_GLOBAL_CLIP=1.0,  # targets per global SGD step; gradient clip
     LOOP_LAYERS="",  # "a-b": blocks a..b run again after b (depth recurrence, weights shared); "" = off
     LOOP_EXTRA=1,  # extra passes of the loop segment
     LOOP_START="0",  # fraction of the training budget at which the extra passes switch on; a list: one per pass
@@ -175,6 +190,19 @@ def read_hyperparameters(env) -> SimpleNamespace:
          f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens} must be a positive multiple of TRAIN_SEQ_LEN={hp.train_seq_len}"),
         (min(hp.ttt_epochs, hp.ttt_lr, hp.ttt_momentum) >= 0 and 0 <= hp.ttt_freeze_blocks <= hp.num_layers,
          "TTT_EPOCHS, TTT_LR and TTT_MOMENTUM must be >= 0 and TTT_FREEZE_BLOCKS in [0, NUM_LAYERS]"),
+        (min(hp.ttt_lora_rank, hp.ttt_lora_chunk, hp.ttt_lora_batch_docs, hp.ttt_lora_lanes) >= 1,
+         "TTT_LORA_RANK, TTT_LORA_CHUNK, TTT_LORA_BATCH_DOCS and TTT_LORA_LANES must be >= 1"),
+        (not hp.ttt_lora_enabled or hp.ttt_lora_chunk <= hp.eval_len,
+         f"TTT_LORA_CHUNK={hp.ttt_lora_chunk} must fit EVAL_SEQ_LEN={hp.eval_len}"),
+        (hp.ttt_lora_alpha > 0 and hp.ttt_lora_eps > 0, "TTT_LORA_ALPHA and TTT_LORA_EPS must be positive"),
+        (min(hp.ttt_lora_lr, hp.ttt_lora_wd, hp.ttt_lora_max_seconds, hp.ttt_lora_phases, hp.ttt_lora_prefix_docs,
+             hp.ttt_lora_global_lr) >= 0, "TTT_LORA_LR, TTT_LORA_WD, TTT_LORA_MAX_SECONDS, TTT_LORA_PHASES, "
+         "TTT_LORA_PREFIX_DOCS and TTT_LORA_GLOBAL_LR must be >= 0"),
+        (all(0 <= b < 1 for b in (hp.ttt_lora_beta1, hp.ttt_lora_beta2, hp.ttt_lora_global_momentum)),
+         "TTT_LORA_BETA1, TTT_LORA_BETA2 and TTT_LORA_GLOBAL_MOMENTUM must lie in [0, 1)"),
+        ((hp.ttt_lora_global_tokens >= hp.eval_len or not hp.ttt_lora_enabled) and hp.ttt_lora_global_clip > 0,
+         f"TTT_LORA_GLOBAL_TOKENS={hp.ttt_lora_global_tokens} must hold one EVAL_SEQ_LEN={hp.eval_len} sequence and "
+         "TTT_LORA_GLOBAL_CLIP be positive"),
         (hp.attention == "auto" or hp.attention in ATTENTION_KERNELS,
          f"ATTENTION={hp.attention} must be auto, {', '.join(list(ATTENTION_KERNELS)[:-1])} or math"),
         (not hp.loop_untie_mlp or hp.loop, "LOOP_UNTIE_MLP=1 needs LOOP_LAYERS"),
@@ -887,6 +915,33 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     return (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(b, t, h, d)
 
 
+class LoRA(NamedTuple):
+    """Per-row low-rank adapter of one projection (LoRA TTT): row i of a batch adds (x A_i^T) B_i^T * scale."""
+    a: Tensor  # (rows, rank, in)
+    b: Tensor  # (rows, out, rank)
+    scale: float  # alpha / rank
+
+
+class SlotLoRA(NamedTuple):
+    """The adapters of one virtual layer (a physical layer's pass): Q, K and V on the attention's normed input; O and
+    MLP bypasses from the normed inputs of the attention and of the MLP, added to their outputs."""
+    q: LoRA
+    k: LoRA
+    v: LoRA
+    o: LoRA
+    mlp: LoRA
+
+
+class Adapters(NamedTuple):
+    """Per-document adapters of a batch (one document per row): one SlotLoRA per virtual layer, and the head's."""
+    slots: tuple[SlotLoRA, ...]
+    head: LoRA
+
+
+def low_rank(x: Tensor, lora: LoRA) -> Tensor:
+    return (x @ lora.a.to(x.dtype).transpose(1, 2)) @ lora.b.to(x.dtype).transpose(1, 2) * lora.scale
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, qk_gain_init: float, xsa: bool):
         super().__init__()
@@ -897,16 +952,20 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, lora: SlotLoRA | None = None) -> Tensor:
         b, t, _ = x.shape
-        q = self.c_q(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        if lora is not None:
+            q, k, v = q + low_rank(x, lora.q), k + low_rank(x, lora.k), v + low_rank(x, lora.v)
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
         y = causal_attention(q * self.q_gain.to(q.dtype)[:, None], k, v)
         if self.xsa:
             y = exclude_self_value(y, v)
-        return self.proj(y.reshape(b, t, -1))
+        out = self.proj(y.reshape(b, t, -1))
+        return out if lora is None else out + low_rank(x, lora.o)
 
 
 class MLP(nn.Module):
@@ -950,26 +1009,33 @@ class Block(nn.Module):
     def mlp_of_pass(self, k: int) -> MLP:
         return self.loop_mlps[k - 1] if k and self.loop_mlps is not None else self.mlp
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, mlp: MLP | None = None) -> Tensor:
+    def mlp_out(self, mlp: MLP, h: Tensor, lora: SlotLoRA | None) -> Tensor:
+        """The MLP's output from its normed input h, plus the adapter's bypass from h when there is one."""
+        return mlp(h) if lora is None else mlp(h) + low_rank(h, lora.mlp)
+
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, mlp: MLP | None = None,
+                lora: SlotLoRA | None = None) -> Tensor:
         """`mlp`: the MLP of this pass (default: the block's own), chosen by the caller, so that under compile a pass
-        is an input of the block's graph, not a constant of a graph of its own."""
+        is an input of the block's graph, not a constant of a graph of its own; likewise `lora`, this pass's
+        per-document adapters (LoRA TTT; None: the plain block)."""
         mlp, mix = self.mlp if mlp is None else mlp, self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         if self.parallel == "gptj":
             h = self.norm(x)
-            return x + self.attn_scale.to(x.dtype) * self.attn(h, cos, sin) + self.mlp_scale.to(x.dtype) * mlp(h)
-        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), cos, sin)
-        return x + self.mlp_scale.to(x.dtype) * mlp(self.norm(x))
+            return (x + self.attn_scale.to(x.dtype) * self.attn(h, cos, sin, lora)
+                    + self.mlp_scale.to(x.dtype) * self.mlp_out(mlp, h, lora))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(self.norm(x), cos, sin, lora)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp_out(mlp, self.norm(x), lora)
 
     def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor, cos: Tensor, sin: Tensor,
-                      mlp: MLP | None = None) -> tuple[Tensor, Tensor]:
+                      mlp: MLP | None = None, lora: SlotLoRA | None = None) -> tuple[Tensor, Tensor]:
         """The two-lane parallel block of the 1.1063 record: attention reads lane 0, the MLP lane 1 (after the
         attention output was added to it), each output is added to both lanes with learned weights."""
         l0, l1, mlp = *lanes, self.mlp if mlp is None else mlp
         mix, r, post = (t.to(l0.dtype) for t in (self.resid_mix, self.lane_resid, self.lane_post))
-        a = self.attn_scale.to(l0.dtype) * self.attn(self.norm(mix[0] * l0 + mix[1] * x0), cos, sin)
+        a = self.attn_scale.to(l0.dtype) * self.attn(self.norm(mix[0] * l0 + mix[1] * x0), cos, sin, lora)
         l0, l1 = r[0] * l0 + post[0, 0] * a, r[0] * l1 + post[0, 1] * a
-        m = self.mlp_scale.to(l0.dtype) * mlp(self.norm(mix[0] * l1 + mix[1] * x0))
+        m = self.mlp_scale.to(l0.dtype) * self.mlp_out(mlp, self.norm(mix[0] * l1 + mix[1] * x0), lora)
         return r[1] * l0 + post[1, 0] * m, r[1] * l1 + post[1, 1] * m
 
 
@@ -1046,7 +1112,8 @@ class GPT(nn.Module):
             x = x + self.bigram(ids, x.dtype)
         return self.smear(rms_norm(x)), cos, sin
 
-    def hidden(self, ids: Tensor) -> Tensor:
+    def hidden(self, ids: Tensor, adapters: Adapters | None = None) -> Tensor:
+        """The final hidden states; `adapters`: per-document adapters, one per virtual layer, or None."""
         x0, cos, sin = self.embed(ids)
         x, order = x0.view_as(x0), self.virtual_layers()  # not x0 itself: a compiled block would specialise on it
         encoder, skips, lanes = len(order) // 2, [], None
@@ -1057,11 +1124,11 @@ class GPT(nn.Module):
                     x = self.add_skip(i - encoder, x, skip)
                 else:
                     lanes = tuple(self.add_skip(i - encoder, lane, skip) for lane in lanes)
-            block = self.blocks[layer]
+            block, lora = self.blocks[layer], None if adapters is None else adapters.slots[i]
             if block.parallel == "lanes":
-                lanes = block.forward_lanes(lanes or (x, x.view_as(x)), x0, cos, sin, block.mlp_of_pass(k))
+                lanes = block.forward_lanes(lanes or (x, x.view_as(x)), x0, cos, sin, block.mlp_of_pass(k), lora)
             else:
-                x = block(x, x0, cos, sin, block.mlp_of_pass(k))
+                x = block(x, x0, cos, sin, block.mlp_of_pass(k), lora)
             if i < encoder:
                 skips.append(x)
         return rms_norm(x if lanes is None else (lanes[0] + lanes[1]) / 2)
@@ -1100,13 +1167,15 @@ class GPT(nn.Module):
         """The tied head (the token embedding): raw logits, in x's dtype."""
         return F.linear(x, self.tok_emb.weight.to(x.dtype))
 
-    def logits(self, x: Tensor) -> Tensor:
-        """The tied head with a tanh softcap, in fp32."""
-        return self.softcap * torch.tanh(self.head(x).float() / self.softcap)
+    def logits(self, x: Tensor, adapter: LoRA | None = None) -> Tensor:
+        """The tied head with a tanh softcap, in fp32; `adapter`: a per-row low-rank term added to the raw logits
+        (LoRA TTT)."""
+        raw = self.head(x) if adapter is None else self.head(x) + low_rank(x, adapter)
+        return self.softcap * torch.tanh(raw.float() / self.softcap)
 
-    def loss(self, x: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    def loss(self, x: Tensor, targets: Tensor, reduction: str = "mean", adapter: LoRA | None = None) -> Tensor:
         """Cross-entropy of the targets from the final hidden states x (reduction "none": per position)."""
-        return F.cross_entropy(self.logits(x).flatten(0, 1), targets.flatten(), reduction=reduction)
+        return F.cross_entropy(self.logits(x, adapter).flatten(0, 1), targets.flatten(), reduction=reduction)
 
     def objective(self, x: Tensor, targets: Tensor) -> Tensor:
         """The training loss: the mean cross-entropy (a region compiled apart from the evaluations' per-position
@@ -1249,6 +1318,15 @@ def all_reduce_flat(tensors: list[Tensor]) -> None:
         t.copy_(part.view_as(t))
 
 
+def summed_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """Every parameter's gradient (zeros where it has none) summed over the ranks, in one all-reduce."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    if world_size > 1:
+        all_reduce_flat(grads)
+    for p, g in zip(params, grads):
+        p.grad = g
+
+
 def ttt_train_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, val: Tensor,
                     starts: Tensor, seq_len: int, num_seqs: int, epochs: int, world_size: int) -> None:
     """`epochs` SGD steps on this rank's sequences val[s : s + seq_len + 1] of an already scored chunk; gradients
@@ -1259,21 +1337,22 @@ def ttt_train_chunk(model: nn.Module, params: list[nn.Parameter], optimizer: tor
         if len(tokens):
             with autocast(tokens.device):
                 (model(tokens[:, :-1], tokens[:, 1:]) * len(tokens) / num_seqs).backward()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if world_size > 1:
-            all_reduce_flat(grads)
-        for p, g in zip(params, grads):
-            p.grad = g
+        summed_gradients(params, world_size)
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
 
-def prepare_ttt(model: GPT, hp: SimpleNamespace) -> None:
-    """The model as TTT trains it: the embedding tables in fp32 (bf16 would round their ~1e-6 updates away; read in
-    the activation dtype they score exactly as before), the first TTT_FREEZE_BLOCKS blocks frozen."""
+def train_tables_in_fp32(model: GPT) -> None:
+    """The embedding tables in fp32 for test-time training: bf16 would round their ~1e-6 updates away; read in the
+    activation dtype they score exactly as before."""
     for table in model.embedding_tables():
         table.data = table.data.float()
+
+
+def prepare_ttt(model: GPT, hp: SimpleNamespace) -> None:
+    """The model as TTT trains it: the embedding tables in fp32, the first TTT_FREEZE_BLOCKS blocks frozen."""
+    train_tables_in_fp32(model)
     for i, block in enumerate(model.blocks):
         block.requires_grad_(i >= hp.ttt_freeze_blocks)
 
@@ -1321,6 +1400,361 @@ def ttt_evaluate(model: GPT, trainer: nn.Module, scorer: Scorer, val: Tensor, va
         train_s = agree_max([train_s + time.perf_counter() - t0], rt)[0]  # one cap decision for all ranks
         trained += 1
     return metrics(sums, rt.world_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Documents: document-isolated scoring and phased per-document LoRA TTT (the April records' evaluation,
+# LINEAGE_TTT_CASEOPS.md §1-2). The validation stream is cut into documents at BOS and no window leaves its document.
+# A batch holds one window per row, right-padded with 0 to one of a few lengths: attention is causal, so padding
+# after a row's tokens changes nothing before them, and RoPE counts positions from the row's start, as for a lone
+# window. Bytes per target come from val_bytes, as in every evaluation.
+
+BOS_ID = 1  # the challenge's tokenizers (pad 0, bos 1, eos 2, unk 3): every document starts with one BOS
+
+
+class Window(NamedTuple):
+    """One row of a document batch: input tokens val[start : start + length], all of one document (their targets
+    val[start + 1 : start + length + 1]); the row scores the last `scored` of those targets."""
+    start: int
+    length: int
+    scored: int
+
+
+NO_WINDOW = Window(0, 0, 0)  # a padding row: keeps a batch at its shape, scores nothing
+
+
+class Scores(NamedTuple):
+    """A batch's last S positions per row, (rows, S) each: the NLL, whether the position is a target the row scores,
+    and that target's index (target j is token j + 1 of the stream)."""
+    nll: Tensor
+    mask: Tensor
+    target: Tensor
+
+
+def documents(val: Tensor) -> list[tuple[int, int]]:
+    """(first, end) target indices of every document: a document starts at a BOS (or at the stream's start) and its
+    targets run up to and including the next BOS, so the documents' targets are every target exactly once."""
+    total = len(val) - 1
+    starts = [0] + (val[1:total] == BOS_ID).nonzero().flatten().add(1).tolist()
+    return list(zip(starts, starts[1:] + [total]))
+
+
+def document_windows(first: int, end: int, window: int, stride: int) -> list[Window]:
+    """The sliding eval's windows (sliding_windows) inside one document: each of its targets once, with all the
+    context the document offers up to `window` tokens."""
+    span = min(window, end - first)
+    return [Window(first + s, span, span - f) for s, f in sliding_windows(end - first, span, stride)]
+
+
+def chunk_window(first: int, end: int, ci: int, chunk: int, window: int) -> Window:
+    """Chunk ci of a document (its targets chunk * ci onwards, at most `chunk` of them) at the end of the last
+    <= `window` tokens of the document that end with it: a document-local window sliding by the chunk (§1.6)."""
+    stop = min(chunk * (ci + 1), end - first)
+    lo = max(0, stop - window)
+    return Window(first + lo, stop - lo, stop - chunk * ci)
+
+
+def padded_length(n: int, window: int, train_seq_len: int) -> int:
+    """The length of a batch whose longest row has n tokens: the next power of two, at least window / 16, so each
+    mode compiles at most six shapes and a row computes less than twice its tokens. Beyond TRAIN_SEQ_LEN RoPE's NTK
+    base depends on the length (A3): a longer batch takes the whole window, so that no target's score depends on
+    the rows it shares a batch with."""
+    length = min(window, max(window // 16, 1 << (n - 1).bit_length()))
+    return window if length > train_seq_len else length
+
+
+def length_buckets(hp: SimpleNamespace) -> list[int]:
+    """Every length padded_length gives: the shapes compiled before the timed evaluations."""
+    return sorted({padded_length(n, hp.eval_len, hp.train_seq_len) for n in range(1, hp.eval_len + 1)})
+
+
+def window_nll(model: GPT, hidden, val: Tensor, windows: list[Window], rows: int, length: int,
+               adapters: Adapters | None = None) -> Scores:
+    """The scores of a batch of windows, one per row (padding rows empty), inputs right-padded with 0 to `length`.
+    The trunk runs on every position, the head and the loss only on each row's last S positions (S: the most any row
+    scores), where its scored targets are."""
+    device, s = val.device, max(w.scored for w in windows)
+    starts, lengths, scored = (torch.tensor(column, device=device)
+                               for column in zip(*(windows + [NO_WINDOW] * (rows - len(windows)))))
+    positions = torch.arange(length + 1, device=device)
+    tokens = val[(starts[:, None] + positions).clamp_max(len(val) - 1)].long()
+    x = torch.where(positions[:-1] < lengths[:, None], tokens[:, :-1], 0)
+    tail = lengths[:, None] - s + torch.arange(s, device=device)
+    mask = tail >= (lengths - scored)[:, None]
+    tail = tail.clamp_min(0)
+    h = hidden(x, adapters)
+    h = h.gather(1, tail[..., None].expand(-1, -1, h.size(-1)))
+    nll = model.loss(h, tokens[:, 1:].gather(1, tail), "none", None if adapters is None else adapters.head)
+    return Scores(nll.view(rows, s), mask, starts[:, None] + tail)
+
+
+def add_scores(sums: Tensor, scores: Scores, val_bytes: Tensor) -> None:
+    """Adds the NLL, count and bytes of the scored targets to sums (float64: loss, tokens, bytes)."""
+    sums[0] += torch.where(scores.mask, scores.nll.detach().double(), 0.0).sum()
+    sums[1] += scores.mask.sum()
+    sums[2] += (val_bytes[scores.target + 1] * scores.mask).sum()
+
+
+def window_batches(windows: list[Window], hp: SimpleNamespace, batch_tokens: int) -> list[tuple[int, int, list]]:
+    """(length, rows, windows) of each batch: the windows longest first, a batch of one padded length holding
+    batch_tokens // length rows (the sliding eval's tokens per batch), so all batches of a length have one shape."""
+    batches = []
+    for w in sorted(windows, key=lambda w: -w.length):
+        length = padded_length(w.length, hp.eval_len, hp.train_seq_len)
+        if batches and batches[-1][0] == length and len(batches[-1][2]) < batches[-1][1]:
+            batches[-1][2].append(w)
+        else:
+            batches.append((length, max(1, batch_tokens // length), [w]))
+    return batches
+
+
+def score_batches(model: GPT, hidden, val: Tensor, val_bytes: Tensor, batches: list[tuple[int, int, list]],
+                  sums: Tensor) -> None:
+    for length, rows, windows in batches:
+        with torch.inference_mode(), autocast(val.device):
+            scores = window_nll(model, hidden, val, windows, rows, length)
+        add_scores(sums, scores, val_bytes)
+
+
+def padding_note(batches: list[tuple[int, int, list]]) -> str:
+    """How much of the computed positions is padding (rows past a window's end, empty rows)."""
+    real, computed = sum(w.length for _, _, ws in batches for w in ws), sum(n * rows for n, rows, _ in batches)
+    return f"positions:{computed} padding:{1 - real / max(computed, 1):.3f}"
+
+
+def docs_evaluate(model: GPT, hidden, val: Tensor, val_bytes: Tensor, hp: SimpleNamespace, rt: SimpleNamespace,
+                  stride: int, batch_tokens: int, log) -> tuple[float, float, int, int]:
+    """Document-isolated scoring: the sliding eval inside every document (its windows, stride EVAL_STRIDE), no
+    attention across a document boundary. The batches, of nearly equal tokens, are dealt to the ranks in turn."""
+    docs = documents(val)
+    windows = [w for first, end in docs for w in document_windows(first, end, hp.eval_len, stride)]
+    batches = window_batches(windows, hp, batch_tokens)
+    log(f"docs:plan docs:{len(docs)} windows:{len(windows)} batches:{len(batches)} stride:{stride} "
+        f"lengths:{','.join(map(str, sorted({n for n, _, _ in batches})))} {padding_note(batches)}")
+    sums = torch.zeros(3, dtype=torch.float64, device=val.device)
+    score_batches(model, hidden, val, val_bytes, batches[rt.rank :: rt.world_size], sums)
+    return metrics(sums, rt.world_size)
+
+
+def lora_batches(docs: list[tuple[int, int]], batch_docs: int) -> list[list[tuple[int, int]]]:
+    """§1.3: the documents sorted by length, cut into consecutive batches, the batches taken longest first (both
+    sorts stable). This is the processing order every rank computes alike: a document's place is its batch's, then
+    its row's."""
+    by_length = sorted(docs, key=lambda d: d[1] - d[0])
+    batches = [by_length[i : i + batch_docs] for i in range(0, len(by_length), batch_docs)]
+    return sorted(batches, key=lambda b: -(b[-1][1] - b[-1][0]))
+
+
+def phase_ends(batch_sizes: list[int], hp: SimpleNamespace) -> list[tuple[int, int]]:
+    """(prefix documents, batches holding them) of each global SGD pause (§1.8): the first TTT_LORA_PREFIX_DOCS * k //
+    TTT_LORA_PHASES documents of the processing order, k = 1..PHASES, once every batch holding one of them is scored
+    (later documents of the last such batch wait for the next phase). A pause after the last batch would adapt
+    nothing left to score: dropped."""
+    done = [sum(batch_sizes[: i + 1]) for i in range(len(batch_sizes))]  # documents in the first i + 1 batches
+    ends = []
+    for k in range(1, hp.ttt_lora_phases + 1):
+        docs = min(hp.ttt_lora_prefix_docs * k // hp.ttt_lora_phases, done[-1])
+        batches = next(i + 1 for i, n in enumerate(done) if n >= docs)
+        if docs and batches < len(batch_sizes):
+            ends.append((docs, batches))
+    return ends
+
+
+class DocumentAdapters:
+    """The adapters of one batch, a row per document (§1.4), fp32: Q, K, V, O and MLP for every virtual layer (a loop
+    pass has its own) and the head's; A (rows, rank, in) drawn from U(±1/√in) unless given (warm start), B (rows,
+    out, rank) zero, so a fresh set changes nothing; output scaled by alpha / rank."""
+
+    def __init__(self, model: GPT, hp: SimpleNamespace, a: list[Tensor] | None, generator: torch.Generator | None):
+        dim, kv = model.tok_emb.embedding_dim, model.blocks[0].attn.c_k.weight.size(0)
+        slots = len(model.virtual_layers())
+        shapes = [(dim, dim), (dim, kv), (dim, kv), (dim, dim), (dim, dim)] * slots
+        shapes.append((dim, model.tok_emb.num_embeddings))
+        rows, rank, device = hp.ttt_lora_batch_docs, hp.ttt_lora_rank, model.tok_emb.weight.device
+        self.a = a or [torch.empty(rows, rank, n, device=device).uniform_(-n ** -0.5, n ** -0.5, generator=generator)
+                       for n, _ in shapes]
+        self.b = [torch.zeros(rows, out, rank, device=device) for _, out in shapes]
+        for t in self.a + self.b:
+            t.requires_grad_(True)
+        loras = [LoRA(a, b, hp.ttt_lora_alpha / rank) for a, b in zip(self.a, self.b)]
+        self.inputs = Adapters(tuple(SlotLoRA(*loras[5 * i : 5 * i + 5]) for i in range(slots)), loras[-1])
+
+    def optimizer(self, hp: SimpleNamespace, rt: SimpleNamespace) -> torch.optim.Optimizer:
+        """A fresh AdamW (moments and step at zero) for this batch."""
+        return torch.optim.AdamW(self.a + self.b, lr=hp.ttt_lora_lr, betas=(hp.ttt_lora_beta1, hp.ttt_lora_beta2),
+                                 eps=hp.ttt_lora_eps, weight_decay=hp.ttt_lora_wd, fused=rt.cuda)
+
+
+def adapter_generator(hp: SimpleNamespace, device: torch.device, phase: int, key: int) -> torch.Generator:
+    """The draw of a fresh A: seeded by the run's seed, the phase and the lane (or batch), never by the rank."""
+    return torch.Generator(device=device).manual_seed(hp.seed * 1_000_003 + phase * 65_537 + key)
+
+
+def adapt(optimizer: torch.optim.Optimizer, scores: Scores, train: Tensor) -> None:
+    """One step on the sum over the training rows of each row's mean NLL over its chunk."""
+    per_row = torch.where(scores.mask, scores.nll, 0.0).sum(1) / scores.mask.sum(1).clamp_min(1)
+    (per_row * train).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def adapt_batch(model: GPT, hidden, val: Tensor, val_bytes: Tensor, docs: list[tuple[int, int]],
+                adapters: DocumentAdapters, hp: SimpleNamespace, rt: SimpleNamespace, sums: Tensor) -> int:
+    """Score-first LoRA TTT of one batch (§1.6): chunk by chunk, each document's window ending with its chunk is
+    scored with the adapters as they are and added to the sums; only then do the adapters take one AdamW step on
+    the chunks of the documents that have a later chunk (a document's last chunk is scored, never trained on).
+    Returns the positions computed."""
+    chunk, rows = hp.ttt_lora_chunk, hp.ttt_lora_batch_docs
+    chunks = [-(-(end - first) // chunk) for first, end in docs]
+    optimizer, computed = adapters.optimizer(hp, rt), 0
+    for ci in range(max(chunks)):
+        windows = [chunk_window(first, end, ci, chunk, hp.eval_len) if ci < n else NO_WINDOW
+                   for (first, end), n in zip(docs, chunks)]
+        length = padded_length(max(w.length for w in windows), hp.eval_len, hp.train_seq_len)
+        with autocast(val.device):
+            scores = window_nll(model, hidden, val, windows, rows, length, adapters.inputs)
+        add_scores(sums, scores, val_bytes)
+        train = [ci < n - 1 for n in chunks]
+        if any(train):
+            adapt(optimizer, scores, torch.tensor(train + [False] * (rows - len(docs)), device=val.device))
+        computed += rows * length
+    return computed
+
+
+def global_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scores: Scores | None, targets: int,
+                clip: float, world_size: int) -> None:
+    """One SGD step of the whole model: this rank's share of the step's mean NLL (over `targets`, all ranks' scored
+    targets), gradients summed over the ranks, so any split of the rows takes the same step; clipped."""
+    if scores is not None:
+        (torch.where(scores.mask, scores.nll, 0.0).sum() / targets).backward()
+    summed_gradients(params, world_size)
+    nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def global_sgd(model: GPT, hidden, val: Tensor, prefix: list[tuple[int, int]], hp: SimpleNamespace,
+               rt: SimpleNamespace) -> int:
+    """A global phase (§1.8): the whole model trained by SGD on the prefix's documents, every one scored by now. Each
+    document is cut into pieces of at most EVAL_SEQ_LEN targets, one per row (no attention across documents),
+    TTT_LORA_GLOBAL_TOKENS // EVAL_SEQ_LEN rows a step, split over the ranks; momentum, a cosine from the LR to 0 over
+    the phase's groups of rows (the last group, at 0, skipped), one epoch. Returns the steps taken."""
+    window = hp.eval_len
+    pieces = [Window(s, min(window, end - s), min(window, end - s)) for first, end in prefix
+              for s in range(first, end, window)]
+    per_step = hp.ttt_lora_global_tokens // window
+    groups = [pieces[i : i + per_step] for i in range(0, len(pieces), per_step)]
+    rows, params = -(-per_step // rt.world_size), list(model.parameters())
+    model.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=hp.ttt_lora_global_lr, momentum=hp.ttt_lora_global_momentum)
+    for ci, group in enumerate(groups[:-1]):
+        for g in optimizer.param_groups:
+            g["lr"] = hp.ttt_lora_global_lr * 0.5 * (1 + math.cos(math.pi * ci / (len(groups) - 1)))
+        mine, scores = rank_share(group, rt.rank, rt.world_size), None
+        if mine:
+            length = padded_length(max(w.length for w in mine), window, hp.train_seq_len)
+            with autocast(val.device):
+                scores = window_nll(model, hidden, val, mine, rows, length)
+        global_step(params, optimizer, scores, sum(w.scored for w in group), hp.ttt_lora_global_clip, rt.world_size)
+    model.requires_grad_(False)
+    return max(len(groups) - 1, 0)
+
+
+def lora_ttt_evaluate(model: GPT, hidden, val: Tensor, val_bytes: Tensor, hp: SimpleNamespace, rt: SimpleNamespace,
+                      stride: int, batch_tokens: int, log) -> tuple[float, float, int, int]:
+    """Phased per-document LoRA TTT, score-first. The batches of the processing order (lora_batches) are cut into
+    segments by the global phases; in a segment, batch i continues lane (i - segment start) % TTT_LORA_LANES (its A
+    warm-started from the lane's previous batch; a segment's first batch of a lane draws a fresh A), and lane l
+    belongs to rank l % world size. No rank's work depends on another's or on the rank count: every batch sees the
+    same inputs, weights and A whatever the number of ranks, and the sums are all-reduced (only float summation
+    order differs). Every TTT_LORA_LANES batches make a round; with TTT_LORA_MAX_SECONDS every rank votes the
+    elapsed time after each round (agree_max), and once the next round would pass the cap the rest is scored as
+    DOCS_EVAL scores it, without adapting. At each phase end every rank runs the same global SGD steps. The model's
+    weights are restored at the end."""
+    docs = documents(val)
+    batches = lora_batches(docs, hp.ttt_lora_batch_docs)
+    order = [doc for batch in batches for doc in batch]
+    phases = phase_ends([len(b) for b in batches], hp)
+    bounds, lanes = [0] + [b for _, b in phases] + [len(batches)], hp.ttt_lora_lanes
+    params = list(model.parameters())
+    trainable, saved = [p.requires_grad for p in params], copy.deepcopy(model.state_dict()) if phases else None
+    log(f"lora_ttt:plan docs:{len(docs)} batches:{len(batches)} batch_docs:{hp.ttt_lora_batch_docs} "
+        f"chunk:{hp.ttt_lora_chunk} rank:{hp.ttt_lora_rank} alpha:{hp.ttt_lora_alpha:g} lr:{hp.ttt_lora_lr:g} "
+        f"warm_a:{int(hp.ttt_lora_warm_a)} lanes:{lanes} lanes_on_rank0:{len(range(0, lanes, rt.world_size))} "
+        f"phases:{','.join(str(d) for d, _ in phases) or 'none'}")
+    model.requires_grad_(False)
+    sums = torch.zeros(3, dtype=torch.float64, device=val.device)
+    start, adapting, rounds, adapted, computed = time.perf_counter(), True, 0, 0, 0
+    for phase, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        lane_a = {}  # lane -> the A of its latest batch (warm start)
+        for first in range(lo, hi, lanes):
+            for i in range(first, min(hi, first + lanes)):
+                lane = i - first
+                if lane % rt.world_size != rt.rank:
+                    continue
+                if not adapting:
+                    windows = [w for f, e in batches[i] for w in document_windows(f, e, hp.eval_len, stride)]
+                    score_batches(model, hidden, val, val_bytes, window_batches(windows, hp, batch_tokens), sums)
+                    continue
+                generator = adapter_generator(hp, val.device, phase, lane if hp.ttt_lora_warm_a else i)
+                adapters = DocumentAdapters(model, hp, lane_a.get(lane), generator)
+                computed += adapt_batch(model, hidden, val, val_bytes, batches[i], adapters, hp, rt, sums)
+                adapted += 1
+                if hp.ttt_lora_warm_a:
+                    lane_a[lane] = adapters.a
+            if hp.ttt_lora_max_seconds and adapting:
+                sync(rt)
+                elapsed, rounds = agree_max([time.perf_counter() - start], rt)[0], rounds + 1
+                if elapsed * (rounds + 1) / rounds > hp.ttt_lora_max_seconds:
+                    adapting = False
+                    log(f"lora_ttt:updates_stopped after_round:{rounds} batches_adapted:{min(hi, first + lanes)} "
+                        f"elapsed_ms:{1000 * elapsed:.0f} reason:TTT_LORA_MAX_SECONDS={hp.ttt_lora_max_seconds:g} "
+                        "(the remaining documents are scored as DOCS_EVAL scores them)")
+        if phase < len(phases) and adapting:
+            sync(rt)
+            t0 = time.perf_counter()
+            steps = global_sgd(model, hidden, val, order[: phases[phase][0]], hp, rt)
+            sync(rt)
+            log(f"lora_ttt:phase {phase + 1}/{len(phases)} prefix_docs:{phases[phase][0]} batches_scored:{hi} "
+                f"global_steps:{steps} sgd_ms:{1000 * (time.perf_counter() - t0):.0f} "
+                f"elapsed_ms:{1000 * (time.perf_counter() - start):.0f}")
+    log(f"lora_ttt:done rank0_batches:{adapted} rank0_positions:{computed} "
+        f"elapsed_ms:{1000 * (time.perf_counter() - start):.0f}")
+    if saved is not None:
+        model.load_state_dict(saved)
+    for p, t in zip(params, trainable):
+        p.requires_grad_(t)
+    return metrics(sums, rt.world_size)
+
+
+def prime_documents(model: GPT, hidden, hp: SimpleNamespace, rt: SimpleNamespace, batch_tokens: int) -> None:
+    """Every graph the document modes run, at every bucket length, on random tokens (compiled here, not inside the
+    timed evaluations): the scoring forward (inference mode); with LoRA TTT the forward and backward through the
+    adapters with the model frozen, and with phases the forward and backward of the model's global SGD. No weight
+    changes."""
+    device = model.tok_emb.weight.device
+    val = torch.randint(0, hp.vocab_size, (hp.eval_len + 1,), device=device)
+    params = list(model.parameters())
+    trainable = [p.requires_grad for p in params]
+    for length in length_buckets(hp):
+        with torch.inference_mode(), autocast(device):
+            window_nll(model, hidden, val, [Window(0, length, length)], max(1, batch_tokens // length), length)
+        if not hp.ttt_lora_enabled:
+            continue
+        model.requires_grad_(False)
+        adapters = DocumentAdapters(model, hp, None, None)
+        with autocast(device):
+            scores = window_nll(model, hidden, val, [Window(0, length, min(length, hp.ttt_lora_chunk))],
+                                hp.ttt_lora_batch_docs, length, adapters.inputs)
+        scores.nll.sum().backward()
+        if hp.ttt_lora_phases:
+            model.requires_grad_(True)
+            rows = -(-(hp.ttt_lora_global_tokens // hp.eval_len) // rt.world_size)
+            with autocast(device):
+                window_nll(model, hidden, val, [Window(0, length, length)], rows, length).nll.sum().backward()
+            model.zero_grad(set_to_none=True)
+    for p, t in zip(params, trainable):
+        p.requires_grad_(t)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2340,8 +2774,8 @@ def check_training_budget(report: SimpleNamespace, hp: SimpleNamespace, rt: Simp
 def prime_evaluations(model: GPT, trainer: nn.Module, scorer: Scorer, hp: SimpleNamespace, rt: SimpleNamespace,
                       batch_windows: int) -> None:
     """Runs every graph of the final evaluations once on random tokens: the scoring trunk on a batch of windows (a
-    strided view, as score_windows passes) and, with TTT, a training step's forward and backward on this rank's
-    share of a chunk (its gradients dropped)."""
+    strided view, as score_windows passes), with TTT a training step's forward and backward on this rank's share of
+    a chunk (its gradients dropped), and the document modes' graphs (prime_documents)."""
     device, window = model.tok_emb.weight.device, hp.eval_len
     windows = torch.randint(0, hp.vocab_size, (batch_windows, window + 1), device=device)
     with torch.inference_mode(), autocast(device):
@@ -2354,36 +2788,44 @@ def prime_evaluations(model: GPT, trainer: nn.Module, scorer: Scorer, hp: Simple
             trainer(seqs[:, :-1], seqs[:, 1:]).backward()
         model.zero_grad(set_to_none=True)
         model.eval()
+    if hp.docs_eval or hp.ttt_lora_enabled:
+        prime_documents(model, scorer.hidden, hp, rt, batch_windows * window)
 
 
 def final_evaluations(model: GPT, val: Tensor, val_bytes: Tensor, hp: SimpleNamespace, rt: SimpleNamespace, log: Logger,
                       report: SimpleNamespace) -> None:
-    """The artifact's scores: the non-overlapping round trip, the sliding window (the submission score) and, with
-    TTT_ENABLED, legal score-first TTT, which adapts `model` as it scores and so comes last. Under COMPILE every
+    """The artifact's scores: the non-overlapping round trip, the sliding window (the submission score), with
+    DOCS_EVAL the document-isolated score, with TTT_LORA_ENABLED phased LoRA TTT (which puts the weights back) and,
+    with TTT_ENABLED, legal score-first TTT, which adapts `model` as it scores and so comes last. Under COMPILE every
     graph they run is compiled first, on random tokens, outside the timed evaluations."""
     if hp.ttt_enabled:  # the model as TTT trains it: it scores alike, and its graphs are compiled with the others
         prepare_ttt(model, hp)
+    if hp.ttt_lora_enabled and hp.ttt_lora_phases:
+        train_tables_in_fp32(model)
     trainer, hidden = compile_model(model, rt)
     scorer, batch = Scorer(model, hidden), eval_batch_windows(hp, rt, hp.eval_len)
     if rt.compile:
         timed(report, rt, "compile", prime_evaluations, model, trainer, scorer, hp, rt, batch)
         log(f"eval:compiled compile_ms:{report.ms['compile']:.0f} (random tokens, before the timed evaluations)")
     stride = hp.eval_stride if 0 < hp.eval_stride < hp.eval_len else hp.eval_len
-    subset = " subset" if hp.val_max_tokens else ""
-    finals = [("roundtrip", "final_int6_roundtrip", hp.eval_len)]
+    subset, strided = " subset" if hp.val_max_tokens else "", f" stride:{stride}" if stride < hp.eval_len else ""
+    finals = [("roundtrip", "final_int6_roundtrip", "", lambda: evaluate(
+        scorer, val, val_bytes, hp.eval_len, hp.eval_len, batch, rt.rank, rt.world_size))]
     if stride < hp.eval_len:
-        finals.append(("sliding", "final_int6_sliding_window", stride))
+        finals.append(("sliding", "final_int6_sliding_window", strided, lambda: evaluate(
+            scorer, val, val_bytes, hp.eval_len, stride, batch, rt.rank, rt.world_size)))
+    if hp.docs_eval:
+        finals.append(("docs", "final_int6_docs", f" stride:{stride}", lambda: docs_evaluate(
+            model, hidden, val, val_bytes, hp, rt, stride, batch * hp.eval_len, log)))
+    if hp.ttt_lora_enabled:
+        finals.append(("lora_ttt", "final_int6_lora_ttt", f" chunk:{hp.ttt_lora_chunk} rank:{hp.ttt_lora_rank}",
+                       lambda: lora_ttt_evaluate(
+                           model, hidden, val, val_bytes, hp, rt, stride, batch * hp.eval_len, log)))
     if hp.ttt_enabled:
-        finals.append(("ttt", "final_int6_ttt", stride))
-    for key, label, s in finals:
-        if key == "ttt":
-            out = timed(report, rt, key, ttt_evaluate, model, trainer, scorer, val, val_bytes, hp, rt, batch, log)
-        else:
-            out = timed(report, rt, key, evaluate, scorer, val, val_bytes, hp.eval_len, s, batch, rt.rank,
-                        rt.world_size)
-        loss, report.bpb[key], tokens, nbytes = out
-        extra = f" stride:{s}" if s < hp.eval_len else ""
-        extra += f" chunk_tokens:{hp.ttt_chunk_tokens}" if key == "ttt" else ""
+        finals.append(("ttt", "final_int6_ttt", f"{strided} chunk_tokens:{hp.ttt_chunk_tokens}", lambda: ttt_evaluate(
+            model, trainer, scorer, val, val_bytes, hp, rt, batch, log)))
+    for key, label, extra, evaluation in finals:
+        loss, report.bpb[key], tokens, nbytes = timed(report, rt, key, evaluation)
         log(f"{label} val_loss:{loss:.4f} val_bpb:{report.bpb[key]:.4f}{extra} eval_time:{report.ms[key]:.0f}ms"
             f"{subset}")
         log(f"{label}_exact val_loss:{loss:.8f} val_bpb:{report.bpb[key]:.8f} tokens:{tokens} bytes:{nbytes}{subset}")

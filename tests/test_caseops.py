@@ -476,17 +476,21 @@ def scored_bytes(data: Path, targets: int) -> int:
 
 @needs_shared
 def test_caseops_run_end_to_end(datasets, tmp_path):
-    """Training, the periodic eval, export, the round trip, sliding and TTT evals on a CaseOps dataset, then
-    EVAL_ONLY of its artifact: every line's bytes are the sidecar's, and the loss/bpb pair uses them."""
+    """Training, the periodic eval, export, the round trip, sliding, document-isolated, LoRA TTT and TTT evals on a
+    CaseOps dataset, then EVAL_ONLY of its artifact: every line's bytes are the sidecar's, and the loss/bpb pair uses
+    them."""
     data = datasets["caseops"]
     env = dict(VOCAB_SIZE=str(VOCAB), TOKENIZER_PATH=str(data / "tokenizer.model"), ITERATIONS="8",
-               VAL_LOSS_EVERY="4", WARMDOWN_ITERS="4", TTT_ENABLED="1", TTT_CHUNK_TOKENS="1024", TTT_EPOCHS="1")
+               VAL_LOSS_EVERY="4", WARMDOWN_ITERS="4", TTT_ENABLED="1", TTT_CHUNK_TOKENS="1024", TTT_EPOCHS="1",
+               DOCS_EVAL="1", TTT_LORA_ENABLED="1", TTT_LORA_RANK="4", TTT_LORA_BATCH_DOCS="4",
+               TTT_LORA_PREFIX_DOCS="4", TTT_LORA_PHASES="2")
     assert run_in_process(tmp_path / "run", data, **env) == 0
     log = log_lines(tmp_path / "run")
     sidecar_line = lines_starting(log, "val_bpb:byte_sidecar")
     assert len(sidecar_line) == 1 and f"files:{len(list(data.glob('fineweb_val_bytes_*')))} " in sidecar_line[0]
     finals = [line for line in log if re.match(r"final_int6_\w+_exact ", line)]
     assert {line.split()[0] for line in finals} == {"final_int6_roundtrip_exact", "final_int6_sliding_window_exact",
+                                                    "final_int6_docs_exact", "final_int6_lora_ttt_exact",
                                                     "final_int6_ttt_exact"}
     targets = int(TINY_ENV["VAL_MAX_TOKENS"])
     expected = scored_bytes(data, targets)

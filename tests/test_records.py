@@ -293,6 +293,31 @@ def test_ttt_line_is_the_score_and_both_are_shown(seeds, tmp_path):
     assert "| Sliding val_bpb | TTT val_bpb |" in header
 
 
+def lora_lines(loss: float):
+    return append("final_int6_sliding_window_exact",
+                  f"final_int6_docs val_loss:{loss + 0.1:.4f} val_bpb:{loss * 0.7:.4f} stride:16 eval_time:300ms",
+                  f"final_int6_docs_exact val_loss:{loss + 0.1:.8f} val_bpb:{loss * 0.7:.8f} tokens:4096 bytes:9800",
+                  f"final_int6_lora_ttt val_loss:{loss:.4f} val_bpb:{loss * 0.5:.4f} chunk:48 rank:80 eval_time:900ms",
+                  f"final_int6_lora_ttt_exact val_loss:{loss:.8f} val_bpb:{loss * 0.5:.8f} tokens:4096 bytes:9800")
+
+
+def test_lora_ttt_line_takes_precedence_over_ttt_and_sliding(seeds, tmp_path):
+    """The most adapted legal score the logs have, by a fixed precedence: LoRA TTT before TTT before sliding, even
+    where TTT's number is lower (no picking the best of several scores)."""
+    logs = edited(seeds, tmp_path, {i: [ttt_lines(5.0 + i / 10), lora_lines(6.0 + i / 10)] for i in range(3)})
+    assert pack(tmp_path, logs, "--sota-loss", "7.0") == 0
+    d = folder(tmp_path)
+    sub = json.loads((d / "submission.json").read_text())
+    assert sub["score_line"] == "final_int6_lora_ttt_exact" and sub["val_loss"] == pytest.approx(6.1)
+    assert sub["seed_results"]["42"]["lora_ttt_val_bpb"] == pytest.approx(6.1 * 0.5)
+    assert sub["significance"]["score_line"] == "final_int6_lora_ttt_exact"
+    readme = (d / "README.md").read_text()
+    assert "| Sliding val_bpb | LoRA TTT val_bpb |" in readme and "(phased per-document LoRA TTT, mean of 3" in readme
+    one = runlog.parse(lora_lines(6.0)("final_int6_sliding_window_exact x\n").encode(), Path("x.txt"))
+    assert one.num("final_int6_lora_ttt_exact", "val_loss") == 6.0
+    assert one.num("final_int6_docs_exact", "tokens") == 4096
+
+
 def test_gptq_total_is_the_training_time(seeds, tmp_path):
     logs = edited(seeds, tmp_path, {i: [append("export_time", "gptq:budget train_ms:588000 calib_ms:11000 "
                                                "total_ms:599000 limit_ms:600000")] for i in range(3)})
