@@ -601,8 +601,9 @@ def resolve_files(pattern: str, variable: str, sidecars: bool = False) -> list[s
         raise InputError(f"{variable}={pattern}: no files match")
     if not sidecars and (sidecar := next((f for f in files if is_sidecar(f)), None)):
         split = "train" if variable == "TRAIN_FILES" else "val"
+        folder = os.path.dirname(pattern) or "."
         raise InputError(f"{variable}={pattern} matches {sidecar}, a byte sidecar (byte counts, not token ids): use "
-                         f"a glob that leaves it out, e.g. {os.path.dirname(pattern) or '.'}/fineweb_{split}_[0-9]*.bin")
+                         f"a glob that leaves it out, e.g. {folder}/fineweb_{split}_[0-9]*.bin")
     return files
 
 
@@ -694,7 +695,8 @@ def validation_bytes(hp: SimpleNamespace, sp: spm.SentencePieceProcessor, luts, 
         if len(ops):
             raise InputError(f"TOKENIZER_PATH={hp.tokenizer_path} is a CaseOps tokenizer (it has the case operators "
                              f"U+E001-U+E004), whose tokens do not spell the original text, and no byte sidecar "
-                             f"matches {pattern or 'VAL_BYTES_FILES'}: set VAL_BYTES_FILES to its fineweb_val_bytes_*.bin")
+                             f"matches {pattern or 'VAL_BYTES_FILES'}: set VAL_BYTES_FILES to its "
+                             "fineweb_val_bytes_*.bin")
         return token_bytes(val_tokens, luts), []
     if len(files) != len(val_files):
         raise InputError(f"VAL_BYTES_FILES={pattern}: {len(files)} byte sidecars for {len(val_files)} validation "
@@ -2792,8 +2794,8 @@ def prime_evaluations(model: GPT, trainer: nn.Module, scorer: Scorer, hp: Simple
         prime_documents(model, scorer.hidden, hp, rt, batch_windows * window)
 
 
-def final_evaluations(model: GPT, val: Tensor, val_bytes: Tensor, hp: SimpleNamespace, rt: SimpleNamespace, log: Logger,
-                      report: SimpleNamespace) -> None:
+def final_evaluations(model: GPT, val: Tensor, val_bytes: Tensor, hp: SimpleNamespace, rt: SimpleNamespace,
+                      log: Logger, report: SimpleNamespace) -> None:
     """The artifact's scores: the non-overlapping round trip, the sliding window (the submission score), with
     DOCS_EVAL the document-isolated score, with TTT_LORA_ENABLED phased LoRA TTT (which puts the weights back) and,
     with TTT_ENABLED, legal score-first TTT, which adapts `model` as it scores and so comes last. Under COMPILE every

@@ -151,7 +151,7 @@ def plan(manifest: dict, repo: str, variant: str, train_shards: int) -> list[str
         raise DownloadError(f"{repo}: the manifest names no tokenizer file inside the export for {variant} "
                             f"(tokenizer {dataset['tokenizer_name']!r}: {files})")
     shards = f"datasets/fineweb10B_{variant}"
-    sidecars = [f"{shards}/fineweb_val_bytes_{i:06d}.bin" for i in range(n_val)] if dataset.get("val_bytes_glob") else []
+    sidecars = [f"{shards}/fineweb_val_bytes_{i:06d}.bin" for i in range(n_val)] * bool(dataset.get("val_bytes_glob"))
     return ([f"{shards}/fineweb_val_{i:06d}.bin" for i in range(n_val)] + sidecars
             + [f"{shards}/fineweb_train_{i:06d}.bin" for i in range(train_shards)] + files)
 

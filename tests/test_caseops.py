@@ -387,7 +387,8 @@ def test_default_globs_never_take_a_sidecar_for_a_shard(datasets, tmp_path):
     with pytest.raises(tg.InputError, match=r"VAL_FILES=.*fineweb_val_\*\.bin matches .*fineweb_val_bytes_000000\.bin, "
                        r"a byte sidecar .* e\.g\. .*fineweb_val_\[0-9\]\*\.bin"):
         tg.resolve_files(str(data / "fineweb_val_*.bin"), "VAL_FILES")
-    with pytest.raises(tg.InputError, match=r"TRAIN_FILES=.* matches .*_bytes_.* e\.g\. .*/fineweb_train_\[0-9\]\*\.bin"):
+    with pytest.raises(tg.InputError,
+                       match=r"TRAIN_FILES=.* matches .*_bytes_.* e\.g\. .*/fineweb_train_\[0-9\]\*\.bin"):
         tg.resolve_files(str(data / "fineweb_*.bin"), "TRAIN_FILES")
 
 
