@@ -36,7 +36,7 @@ def count_graphs(env: dict[str, str], mode: str) -> list[int]:
         graphs.append(sum(node.op in ("call_function", "call_method", "call_module") for node in gm.graph.nodes))
         return gm.forward
 
-    saved = dict(os.environ)
+    saved_env, saved_globals, saved_threads = dict(os.environ), (tg.ACT_DTYPE, tg.ATTENTION), torch.get_num_threads()
     os.environ.update(SHORT_RUN, **env, COMPILE=mode)
     tg.torch.compile = lambda fn, **kw: compile(fn, backend=counting, **kw)
     torch._dynamo.reset()
@@ -45,7 +45,9 @@ def count_graphs(env: dict[str, str], mode: str) -> list[int]:
     finally:
         tg.torch.compile = compile
         os.environ.clear()
-        os.environ.update(saved)
+        os.environ.update(saved_env)
+        tg.ACT_DTYPE, tg.ATTENTION = saved_globals  # main() sets these and the thread count process-wide
+        torch.set_num_threads(saved_threads)
         torch._dynamo.reset()
     if status:
         raise SystemExit(status)

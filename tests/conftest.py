@@ -208,6 +208,21 @@ def scorer_of(logits_fn):
     return score
 
 
+@pytest.fixture(autouse=True)
+def process_state():
+    """What train_gpt sets for the whole process (the activation dtype, the attention backend) and torch's thread
+    count, put back after every test: a tool or test that runs main() in this process must not change the tests
+    after it, in whatever order they run."""
+    import torch
+
+    import train_gpt as tg
+
+    saved = tg.ACT_DTYPE, tg.ATTENTION, torch.get_num_threads()
+    yield
+    tg.ACT_DTYPE, tg.ATTENTION = saved[:2]
+    torch.set_num_threads(saved[2])
+
+
 @pytest.fixture(scope="session")
 def default_model():
     """The seed configuration's model (26,829,913 parameters), built once; tests must not modify it."""

@@ -113,3 +113,18 @@ def test_a_stack_hands_inductor_about_what_the_defaults_do(tmp_path, tiny_data, 
            for name, env in (("default", shape), ("stack", stack)) for mode in ("blocks", "model")}
     assert ops["stack", "blocks"] <= 1.3 * ops["default", "blocks"]
     assert ops["stack", "model"] > 2 * ops["default", "model"] > 2 * ops["default", "blocks"]
+
+
+def test_counting_graphs_leaves_the_process_as_it_was(tmp_path, tiny_data, monkeypatch):
+    """compile_count runs train_gpt.main() in this process: what main() sets for the whole process (the activation
+    dtype, the attention backend, the threads, the environment) is put back, or later tests would see fp32."""
+    import compile_count
+
+    monkeypatch.chdir(tmp_path)
+    before = tg.ACT_DTYPE, tg.ATTENTION, tg.torch.get_num_threads(), dict(__import__("os").environ)
+    compile_count.count_graphs(dict(DATA_PATH=str(tiny_data), TOKENIZER_PATH=str(TOKENIZER), MODEL_DIM="64",
+                                    NUM_LAYERS="2", XSA_LAST_N="1", NUM_HEADS="4", NUM_KV_HEADS="2",
+                                    TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", EVAL_STRIDE="0", TRAIN_BATCH_TOKENS="512",
+                                    VAL_BATCH_SIZE="4096", VAL_MAX_TOKENS="512", PRECISION="fp32",
+                                    OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""), "blocks")
+    assert (tg.ACT_DTYPE, tg.ATTENTION, tg.torch.get_num_threads(), dict(__import__("os").environ)) == before
