@@ -68,15 +68,15 @@ def main(argv: list[str] | None = None) -> int:
             sizes.add(blob)
         assert len(sizes) == 1, "the artifact depends on the number of workers"
         cpu[method] = [frame_cpu_seconds(part, method) for part in parts]
+    if args.single_stream:
+        t0 = time.perf_counter()
+        single = len(tg.brotli_module().compress(raw, quality=11)) + len(tg.BROTLI_TAG)
+        print(f"| brotli, one stream | 1 | {time.perf_counter() - t0:.2f} | {single:,} |")
     print("\nCPU time of the frames, one by one (this thread's, so other load hardly counts): no number of workers "
           "finishes sooner than the largest frame, nor than the total over the workers")
     print("| compressor | total CPU s | largest frame CPU s |\n|---|---|---|")
     for method, seconds in cpu.items():
         print(f"| {method} | {sum(seconds):.2f} | {max(seconds):.2f} |")
-    if args.single_stream:
-        t0 = time.perf_counter()
-        single = len(tg.brotli_module().compress(raw, quality=11)) + len(tg.BROTLI_TAG)
-        print(f"| brotli, one stream | 1 | {time.perf_counter() - t0:.2f} | {single:,} |")
     return 0
 
 
