@@ -52,6 +52,9 @@ def summarise(path: Path, full_val_targets: int | None = None) -> dict[str, floa
     times = {"warmup_compile_s": run.num("warmup_time"), "eval_compile_s": priming and priming.num("compile_ms"),
              "calibration_s": budget and budget.num("calib_ms"), "export_s": run.num("export_time")}
     out.update({key: value / 1000 for key, value in times.items() if value is not None})
+    for key, label in (("docs_eval_s", "final_int6_docs"), ("lora_ttt_s", "final_int6_lora_ttt")):
+        if final := run.last(label):  # the document modes' time on the run's validation slice
+            out[key] = final.num("eval_time") / 1000
     if artifact := run.last("artifact"):
         out["artifact_bytes"] = int(artifact.num("bytes"))
     if peak := run.last("peak memory allocated"):  # CUDA only

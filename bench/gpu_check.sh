@@ -5,8 +5,9 @@
 #   script picks (ATTENTION=auto) and, when the machine has several GPUs (nvidia-smi -L), once more on all of them
 #   (torchrun on 2, 4 or 8: the most that is a power of two, as the batch split needs). Then the README's two
 #   frontier stacks, short: sp1024 (loops, parallel residuals, GPTQ + SDClip, brotli) and, when the data folder has
-#   an 8,192-token *8192*.model, SP8192 with TTT (on the sp1024 tokens, whose ids fit: its throughput, memory,
-#   compile, calibration and export are real, its losses and bytes per token mean nothing). Then where one step's
+#   an 8,192-token *8192*.model, SP8192 with its evaluation, document-isolated scoring and phased LoRA TTT (on the
+#   sp1024 tokens, whose ids fit: its throughput, memory, compile, calibration, export and TTT time are real, its
+#   losses and bytes per token mean nothing). Then where one step's
 #   time goes (bench/profile_step.py: attention forward/backward, matmuls, norms/elementwise, optimizer,
 #   communication, host gaps), the two parts the flags below replace (bench/parts_time.py: the Muon step, the
 #   training loss), and short A/B runs: COMPILE=model (the whole-model compile) against auto's blocks, every other
@@ -14,7 +15,8 @@
 #   then the flags that wait for a GPU's verdict (GPU_CHECK_FLAGS: MUON_SHARDED=1, FUSED_CE=1), each on its own.
 #   One table at the end, read from the logs by records/runlog.py: ms/step, tokens/s, MFU, peak memory, compile
 #   (warmup; the evaluations' priming), GPTQ calibration, export time and the artifact's bytes, the sliding eval's
-#   rate on the validation slice, extrapolated to the full validation set on 8 GPUs, and in its header the torch
+#   rate on the validation slice, extrapolated to the full validation set on 8 GPUs, the document modes' seconds on
+#   the slice (DOCS_EVAL, LoRA TTT with its phases), and in its header the torch
 #   version that was measured; then the profile's table and the parts' timings. Each run's warmup phases (one per
 #   loop shape, then the eval graph) are in its log, logs/gpu_check_<name>.txt, as `warmup:<phase> ms:...`.
 #
@@ -106,7 +108,8 @@ sp8192=(VOCAB_SIZE=8192 TOKENIZER_PATH="$model8192" BIGRAM_VOCAB_SIZE=0 MLP_MULT
         ROPE_BASE=10000 LN_SCALE=1 XSA_LAST_N=11 QK_GAIN_INIT=5.25 LOOP_LAYERS=3-5 LOOP_EXTRA=2 LOOP_START=0.35
         PARALLEL_START=7 MUON_ROW_NORM=1 SKIP_GATES=1 MUON_WD=0.095 MATRIX_LR=0.022 EMA_DECAY=0.9965
         WARMDOWN_FRAC=0.72 TRAIN_BATCH_TOKENS=786432 QUANT_METHOD=gptq QUANT_CLIP=sigma EMBED_BITS=7
-        GPTQ_RESERVE_SECONDS=12 COMPRESSOR=brotli TTT_ENABLED=1 TTT_LR=0.005 VAL_MAX_TOKENS=262144)
+        GPTQ_RESERVE_SECONDS=12 COMPRESSOR=brotli EVAL_STRIDE=0 DOCS_EVAL=1 TTT_LORA_ENABLED=1
+        VAL_MAX_TOKENS=262144 TTT_LORA_BATCH_DOCS=16 TTT_LORA_PREFIX_DOCS=48)  # the slice's ~233 documents: 3 phases
 if [[ $smoke == 1 ]]; then
   seconds=1 ab_seconds=1 ab_cost=${GPU_CHECK_AB_COST:-30} profile_cost=${GPU_CHECK_PROFILE_COST:-30}
   stack_seconds=2 stack_cost=${GPU_CHECK_STACK_COST:-40}
@@ -115,7 +118,7 @@ if [[ $smoke == 1 ]]; then
            XSA_LAST_N=1 TRAIN_SEQ_LEN=64 EVAL_SEQ_LEN=64 EVAL_STRIDE=16 TRAIN_BATCH_TOKENS=1024 VAL_BATCH_SIZE=8192
            VAL_MAX_TOKENS=4096 WARMUP_STEPS=2 WARMDOWN_ITERS=5 COMPILE=0)
   small=(NUM_LAYERS=6 XSA_LAST_N=6 PARALLEL_START=4 TRAIN_BATCH_TOKENS=1024 VAL_MAX_TOKENS=4096 GPTQ_RESERVE_SECONDS=1
-         GPTQ_CALIB_SEQS=4 MLP_MULT=17 TTT_CHUNK_TOKENS=1024 TTT_EPOCHS=1)  # the stacks' shapes, tiny
+         GPTQ_CALIB_SEQS=4 MLP_MULT=17)  # the stacks' shapes, tiny (the slice: one document, no LoRA phases)
   sp1024+=("${small[@]}" LOOP_LAYERS=2-3)
   sp8192+=("${small[@]}" LOOP_LAYERS=1-3)
   backends=(math)  # the CPU has flash (auto's pick) and math
@@ -227,7 +230,8 @@ rows = [("attention", "attention"), ("processes", "world_size"), ("steps", "step
         ("peak alloc MiB", "peak_allocated_mib"), ("compile+warmup s", "warmup_compile_s"),
         ("eval compile s", "eval_compile_s"), ("GPTQ calibration s", "calibration_s"), ("export s", "export_s"),
         ("artifact bytes", "artifact_bytes"), ("sliding windows/s/GPU", "sliding_windows_per_s_per_gpu"),
-        ("full sliding, 8 GPUs, s", "sliding_full_val_8gpu_s")]
+        ("full sliding, 8 GPUs, s", "sliding_full_val_8gpu_s"), ("DOCS_EVAL s (slice)", "docs_eval_s"),
+        ("LoRA TTT s (slice)", "lora_ttt_s")]
 show = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 print(f"{'torch ' + str(first.torch_version):26}" + "".join(f"{name:>22}" for name in names))
 for label, key in rows:

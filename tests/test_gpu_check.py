@@ -41,22 +41,26 @@ def test_smoke_mode_runs_one_and_all_gpus_the_stacks_the_profile_and_the_ab_runs
         assert line in versions, line
     table = (out / "table.txt").read_text().splitlines()
     # the torch that was measured; one GPU, all GPUs, the two frontier stacks at tiny shapes (their flags, loops,
-    # GPTQ, brotli; SP8192 with TTT), then the A/B runs: the other backend the CPU has (math), Inductor's
-    # mix_order_reduction off (forced here: it is measured on torch 2.11 only), and each flag waiting for a GPU's
-    # verdict
+    # GPTQ, brotli; SP8192 with document-isolated scoring and phased LoRA TTT), then the A/B runs: the other backend
+    # the CPU has (math), Inductor's mix_order_reduction off (forced here: it is measured on torch 2.11 only), and
+    # each flag waiting for a GPU's verdict
     assert table[0].split() == ["torch", tg.torch.__version__, "auto_x1", "auto_x2", "sp1024", "sp8192", "ab_math",
                                 "ab_mix0", "ab_muon_sharded", "ab_fused_ce"]
     rows = {line[:26].strip(): line[26:].split() for line in table[1:]}
     assert rows["attention"] == ["flash"] * 4 + ["math"] + ["flash"] * 3
     assert rows["processes"] == ["1", "2"] + ["1"] * 6
-    for key in ("steps", "ms/step", "tokens/s", "compile+warmup s", "export s", "artifact bytes",
-                "sliding windows/s/GPU", "full sliding, 8 GPUs, s"):
+    for key in ("steps", "ms/step", "tokens/s", "compile+warmup s", "export s", "artifact bytes"):
         assert all(float(v) > 0 for v in rows[key]), key
+    for key in ("sliding windows/s/GPU", "full sliding, 8 GPUs, s"):  # SP8192 scores as the records: no sliding
+        assert rows[key][3] == "-" and all(float(v) > 0 for v in rows[key][:3] + rows[key][4:]), key
+    for key in ("DOCS_EVAL s (slice)", "LoRA TTT s (slice)"):  # the SP8192 stack's evaluation, timed
+        assert float(rows[key][3]) > 0 and rows[key][:3] + rows[key][4:] == ["-"] * 7, key
     assert rows["peak alloc MiB"] == ["-"] * 8  # no CUDA memory on the CPU
     assert rows["GPTQ calibration s"][:2] == ["-", "-"] and all(float(v) > 0 for v in rows["GPTQ calibration s"][2:4])
     stack_logs = {name: (out / "logs" / f"gpu_check_{name}.txt").read_text() for name in ("sp1024", "sp8192")}
     assert all("hparam QUANT_METHOD=gptq" in log and "\nwarmup:eval ms:" in log for log in stack_logs.values())
-    assert "\nwarmup:train loop_passes:1 ms:" in stack_logs["sp1024"] and "final_int6_ttt_exact" in stack_logs["sp8192"]
+    assert "\nwarmup:train loop_passes:1 ms:" in stack_logs["sp1024"]
+    assert "\nfinal_int6_lora_ttt_exact" in stack_logs["sp8192"] and "\nfinal_int6_sliding" not in stack_logs["sp8192"]
     for name, flag in [("muon_sharded", "MUON_SHARDED=True"), ("fused_ce", "FUSED_CE=True")]:
         assert f"hparam {flag}" in (out / "logs" / f"gpu_check_ab_{name}.txt").read_text()
     assert "gpu_check: ab_mix0: with TORCHINDUCTOR_MIX_ORDER_REDUCTION=0 this torch has mix_order_reduction:0 (-1: " \
