@@ -325,8 +325,8 @@ def readme(sub: dict, comp: Compliance, command: str, local: list[str], variant:
            "## Results", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
     out += ["", f"Score line: `{sub['score_line']}`. Pre-quant: the last periodic validation of the live weights; "
-            "roundtrip and sliding: the int6+zstd artifact read back. Train: training plus GPTQ calibration. Eval: "
-            "everything after training (export, round trip, evaluations).", ""]
+            "roundtrip and sliding: the quantised, compressed artifact read back. Train: training plus GPTQ "
+            "calibration. Eval: everything after training (export, round trip, evaluations).", ""]
     if curves:
         out += ["![loss curves](curves.png)", ""]
     out += ["## Compliance", ""] + [f"- {k}: {'yes' if v else '**NO**'}" for k, v in comp.flags.items()]
