@@ -15,6 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "records"))
 import runlog  # noqa: E402
+from hparams import SettingError, hparam_settings  # noqa: E402
 
 H100_BF16_DENSE_FLOPS = 989.4e12  # H100 SXM, bf16 tensor cores without sparsity (NVIDIA datasheet)
 
@@ -83,11 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.log is None:
         env = dict(os.environ, MAX_WALLCLOCK_SECONDS=str(args.seconds), VAL_LOSS_EVERY="0", RUN_ID=args.run_id)
         names = runlog.script_defaults((REPO / "train_gpt.py").read_bytes())
-        for item in args.env:
-            name, sep, value = item.partition("=")
-            if not sep or name not in names:
-                parser.error(f"{item!r}: expected NAME=VALUE, NAME one of train_gpt.py's hyperparameters")
-            env[name] = value
+        try:
+            env.update(hparam_settings(args.env, names))
+        except SettingError as e:
+            parser.error(str(e))
         cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc_per_node={args.nproc}",
                str(REPO / "train_gpt.py")]
         if (code := subprocess.run(cmd, env=env).returncode) not in (0, 1):  # 1: over a limit, no matter here

@@ -21,6 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import train_gpt as tg  # noqa: E402
+from hparams import SettingError, hparam_settings  # noqa: E402
 
 
 SHORT_RUN = dict(ITERATIONS="3", WARMUP_STEPS="1", VAL_LOSS_EVERY="0", MAX_WALLCLOCK_SECONDS="0",
@@ -59,13 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=["blocks", "model"], choices=["blocks", "model"])
     parser.add_argument("env", nargs="*", metavar="NAME=VALUE", help="hyperparameters for train_gpt.py")
     args = parser.parse_args(argv)
-    env = {}
-    for item in args.env:
-        name, sep, value = item.partition("=")
-        if not sep or name not in tg.HPARAMS:
-            print(f"error: {item!r}: expected NAME=VALUE, NAME one of train_gpt.py's hyperparameters", file=sys.stderr)
-            return 2
-        env[name] = value
+    try:
+        env = hparam_settings(args.env, tg.HPARAMS)
+    except SettingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for mode in args.modes:
         try:
             graphs = count_graphs(env, mode)

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import train_gpt as tg  # noqa: E402
+from hparams import SettingError, hparam_settings  # noqa: E402
 
 
 def lora_positions(docs: list[tuple[int, int]], hp) -> tuple[int, int, int]:
@@ -45,7 +46,10 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--resample", type=int, default=0, help="also estimate for this many documents")
     parser.add_argument("settings", nargs="*", help="NAME=value hyperparameters after --")
     args = parser.parse_args(argv)
-    hp = tg.read_hyperparameters(dict(s.split("=", 1) for s in args.settings))
+    try:
+        hp = tg.read_hyperparameters(hparam_settings(args.settings, tg.HPARAMS))
+    except SettingError as e:
+        parser.error(str(e))
     val = tg.load_validation_tokens([args.val], max(hp.train_seq_len, hp.eval_len), hp.val_max_tokens)
     docs, total = tg.documents(val), len(val) - 1
     stride = hp.eval_stride if 0 < hp.eval_stride < hp.eval_len else hp.eval_len

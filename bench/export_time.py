@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import train_gpt as tg  # noqa: E402
+from hparams import SettingError, hparam_settings  # noqa: E402
 
 
 def trained_like(settings: dict[str, str]) -> tuple[dict, dict]:
@@ -50,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-stream", action="store_true", help="also brotli 11 over the whole stream")
     parser.add_argument("settings", nargs="*", help="NAME=VALUE hyperparameters after --")
     args = parser.parse_args(argv)
-    settings = dict(s.split("=", 1) for s in args.settings)
+    try:
+        settings = hparam_settings(args.settings, tg.HPARAMS)
+    except SettingError as e:
+        parser.error(str(e))
     tensors, meta = tg.artifact_payload(args.artifact.read_bytes()) if args.artifact else trained_like(settings)
     buf = io.BytesIO()
     torch.save({"w": tensors, "m": meta}, buf)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import train_gpt as tg  # noqa: E402
+from hparams import SettingError, hparam_settings  # noqa: E402
 
 
 class InputError(Exception):
@@ -135,15 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.repeat < 1 or args.tokens < 1:
             raise InputError(f"--repeat={args.repeat} and --tokens={args.tokens} must be at least 1")
-        env = {}
-        for item in args.env:
-            name, sep, value = item.partition("=")
-            if not sep or name not in tg.HPARAMS:
-                raise InputError(f"{item!r}: expected NAME=VALUE, NAME one of train_gpt.py's hyperparameters")
-            env[name] = value
-        hp = tg.read_hyperparameters(env)
+        hp = tg.read_hyperparameters(hparam_settings(args.env, tg.HPARAMS))
         rt = tg.runtime(hp)
-    except (InputError, tg.InputError) as e:
+    except (InputError, SettingError, tg.InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tg.ACT_DTYPE = rt.precision

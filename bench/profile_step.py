@@ -31,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import train_gpt as tg  # noqa: E402
+from hparams import SettingError, hparam_settings  # noqa: E402
 
 WINDOW = "profile_step:window"  # the user annotation that spans the profiled steps
 CATEGORIES = ("attention fwd", "attention bwd", "matmul", "norm/elementwise", "optimizer", "communication", "other")
@@ -219,14 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--steps={args.steps} and --skip={args.skip} must be at least 1")
         if args.trace and not args.trace.name.endswith(".json.gz"):
             raise InputError(f"--trace={args.trace}: expected a path ending in .json.gz")
-        for item in args.env:
-            name, sep, value = item.partition("=")
-            if not sep or name not in tg.HPARAMS:
-                raise InputError(f"{item!r}: expected NAME=VALUE, NAME one of train_gpt.py's hyperparameters")
-            os.environ[name] = value
+        os.environ.update(hparam_settings(args.env, tg.HPARAMS))
         if os.environ.get("EVAL_ONLY"):
             raise InputError("EVAL_ONLY: there is no training to profile")
-    except InputError as e:
+    except (InputError, SettingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.environ.update(ITERATIONS=str(args.skip + 2 * args.steps), VAL_LOSS_EVERY="0", MAX_WALLCLOCK_SECONDS="0")

@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import train_gpt as tg  # noqa: E402
+from hparams import SettingError, hparam_settings  # noqa: E402
 
 QUANTISERS = [  # (label, settings): the seed's, then the lineage's, then the SP8192 records' and the embedding's
     ("rowmax (seed)", {}),
@@ -75,12 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-state", type=Path, help="where to save the trained weights")
     parser.add_argument("env", nargs="*", metavar="NAME=VALUE", help="train_gpt.py hyperparameters")
     args = parser.parse_args(argv)
-    env = {}
-    for item in args.env:
-        name, sep, value = item.partition("=")
-        if not sep or name not in tg.HPARAM_NAMES:
-            parser.error(f"{item!r}: expected NAME=VALUE with NAME one of train_gpt.py's hyperparameters")
-        env[name] = value
+    try:
+        env = hparam_settings(args.env, tg.HPARAMS)
+    except SettingError as e:
+        parser.error(str(e))
     try:
         hp = tg.read_hyperparameters({**env, "COMPILE": env.get("COMPILE", "0"), "RUN_ID": "quant_error"})
         rt = tg.runtime(hp)

@@ -128,3 +128,19 @@ def test_counting_graphs_leaves_the_process_as_it_was(tmp_path, tiny_data, monke
                                     VAL_BATCH_SIZE="4096", VAL_MAX_TOKENS="512", PRECISION="fp32",
                                     OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""), "blocks")
     assert (tg.ACT_DTYPE, tg.ATTENTION, tg.torch.get_num_threads(), dict(__import__("os").environ)) == before
+
+
+@pytest.mark.parametrize("tool, argv", [("bench", []), ("compile_count", []), ("document_plan", ["val.bin"]),
+                                        ("export_time", []), ("parts_time", ["--part", "loss"]), ("profile_step", []),
+                                        ("quant_error", [])])
+@pytest.mark.parametrize("setting", ["NUM_LAYER=3", "NUM_LAYERS"])
+def test_every_bench_tool_refuses_a_setting_train_gpt_does_not_take(capsys, tool, argv, setting):
+    """A misspelt or valueless hyperparameter is one error line and exit status 2 before any work, in every tool."""
+    module = __import__(tool)
+    try:
+        status = module.main([*argv, "--", setting])
+    except SystemExit as e:  # argparse's parser.error
+        status = e.code
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f"error: '{setting}': expected NAME=VALUE, NAME one of train_gpt.py's hyperparameters")
