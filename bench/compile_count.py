@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import train_gpt as tg  # noqa: E402
-from hparams import SettingError, hparam_settings  # noqa: E402
+from hparams import SettingError, hparam_settings, process_state_kept  # noqa: E402
 
 
 SHORT_RUN = dict(ITERATIONS="3", WARMUP_STEPS="1", VAL_LOSS_EVERY="0", MAX_WALLCLOCK_SECONDS="0",
@@ -37,18 +37,17 @@ def count_graphs(env: dict[str, str], mode: str) -> list[int]:
         graphs.append(sum(node.op in ("call_function", "call_method", "call_module") for node in gm.graph.nodes))
         return gm.forward
 
-    saved_env, saved_globals, saved_threads = dict(os.environ), (tg.ACT_DTYPE, tg.ATTENTION), torch.get_num_threads()
+    saved_env = dict(os.environ)
     os.environ.update(SHORT_RUN, **env, COMPILE=mode)
     tg.torch.compile = lambda fn, **kw: compile(fn, backend=counting, **kw)
     torch._dynamo.reset()
     try:
-        status = tg.main()
+        with process_state_kept(tg):
+            status = tg.main()
     finally:
         tg.torch.compile = compile
         os.environ.clear()
         os.environ.update(saved_env)
-        tg.ACT_DTYPE, tg.ATTENTION = saved_globals  # main() sets these and the thread count process-wide
-        torch.set_num_threads(saved_threads)
         torch._dynamo.reset()
     if status:
         raise SystemExit(status)

@@ -16,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "data"))
+sys.path.insert(0, str(REPO / "bench"))
 
 from make_shards import write_shard  # noqa: E402
 
@@ -210,17 +211,14 @@ def scorer_of(logits_fn):
 
 @pytest.fixture(autouse=True)
 def process_state():
-    """What train_gpt sets for the whole process (the activation dtype, the attention backend) and torch's thread
-    count, put back after every test: a tool or test that runs main() in this process must not change the tests
-    after it, in whatever order they run."""
-    import torch
-
+    """What train_gpt sets for the whole process (the activation dtype, the attention backend, torch's threads), put
+    back after every test: a tool or test that runs main() in this process must not change the tests after it, in
+    whatever order they run."""
     import train_gpt as tg
+    from hparams import process_state_kept
 
-    saved = tg.ACT_DTYPE, tg.ATTENTION, torch.get_num_threads()
-    yield
-    tg.ACT_DTYPE, tg.ATTENTION = saved[:2]
-    torch.set_num_threads(saved[2])
+    with process_state_kept(tg):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """bench/bench.py summarises a real train_gpt.py log into throughput figures, reading the shape from its hparams."""
+import os
 import sys
 
 import pytest
@@ -121,13 +122,13 @@ def test_counting_graphs_leaves_the_process_as_it_was(tmp_path, tiny_data, monke
     import compile_count
 
     monkeypatch.chdir(tmp_path)
-    before = tg.ACT_DTYPE, tg.ATTENTION, tg.torch.get_num_threads(), dict(__import__("os").environ)
+    before = tg.ACT_DTYPE, tg.ATTENTION, tg.torch.get_num_threads(), dict(os.environ)
     compile_count.count_graphs(dict(DATA_PATH=str(tiny_data), TOKENIZER_PATH=str(TOKENIZER), MODEL_DIM="64",
                                     NUM_LAYERS="2", XSA_LAST_N="1", NUM_HEADS="4", NUM_KV_HEADS="2",
                                     TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64", EVAL_STRIDE="0", TRAIN_BATCH_TOKENS="512",
                                     VAL_BATCH_SIZE="4096", VAL_MAX_TOKENS="512", PRECISION="fp32",
                                     OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""), "blocks")
-    assert (tg.ACT_DTYPE, tg.ATTENTION, tg.torch.get_num_threads(), dict(__import__("os").environ)) == before
+    assert (tg.ACT_DTYPE, tg.ATTENTION, tg.torch.get_num_threads(), dict(os.environ)) == before
 
 
 @pytest.mark.parametrize("tool, argv", [("bench", []), ("compile_count", []), ("document_plan", ["val.bin"]),
